@@ -1,0 +1,121 @@
+"""The project's one checkpoint reader: model weights from ``.ckpt``/``.pt``/``.bin`` or ``.safetensors`` files, safely.
+
+Pickled checkpoints are read with ``torch.load(weights_only=True)``: no code in the file ever runs. Lightning-era
+checkpoints (Stable Diffusion v1.x, LDM) also pickle a few harmless objects next to the weights (numpy scalars, a
+``ModelCheckpoint`` callback's state); those names are mapped to inert stand-ins so the weights still load.
+Every failure becomes a :class:`CheckpointError` whose message is one line naming the file and the fix.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_YAML_SUFFIXES = {".yaml", ".yml", ".json"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; ``str(err)`` is a one-line message for the user."""
+
+
+class _Inert:
+    """Stand-in for pickled training-time objects (callbacks, loggers): keeps their state as a plain dict."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _numpy_safe_globals() -> list[Any]:
+    import numpy as np
+
+    found: list[Any] = [np.dtype, np.ndarray]
+    for path in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        try:
+            module = __import__(path, fromlist=["scalar"])
+        except ImportError:
+            continue
+        found += [module.scalar, module._reconstruct]
+    found += [type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")]
+    return found
+
+
+_INERT_NAMES = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
+)
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` with ``weights_only=True`` and the allow-list Lightning checkpoints need."""
+    allowed: list[Any] = _numpy_safe_globals() + [(_Inert, name) for name in _INERT_NAMES]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(path: str | os.PathLike, *, what: str = "--actual_resume") -> dict[str, Any]:
+    """Read a checkpoint and return the whole dict it holds (``{"state_dict": ...}`` or a bare state dict).
+
+    ``what`` names the flag or config key the path came from, for the error message.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{what}: file '{p}' does not exist; pass the path of a model checkpoint (.ckpt or .safetensors)")
+    if p.is_dir():
+        raise CheckpointError(f"{what}: '{p}' is a folder; pass the checkpoint file inside it (e.g. model.ckpt)")
+    if p.suffix.lower() in _YAML_SUFFIXES:
+        raise CheckpointError(f"{what}: '{p}' is a config file, not a checkpoint; give the config with --base and the weights (.ckpt) here")
+    if p.suffix.lower() == ".safetensors":
+        return _load_safetensors(p, what)
+    try:
+        obj = safe_torch_load(p)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{what}: '{p}' is not a readable PyTorch checkpoint ({first[:160]}); pass a .ckpt/.safetensors model file") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{what}: '{p}' holds a {type(obj).__name__}, not a checkpoint dict; pass a model checkpoint")
+    return obj
+
+
+def _load_safetensors(p: Path, what: str) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return {"state_dict": load_file(str(p), device="cpu")}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{what}: '{p}' is not a readable safetensors file ({err}); pass a model checkpoint") from err
+
+
+def state_dict_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint dict: its ``state_dict`` entry, or the dict itself when it is bare."""
+    sd = ckpt.get("state_dict", ckpt)
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def load_state_dict(path: str | os.PathLike, *, what: str = "--actual_resume") -> dict[str, torch.Tensor]:
+    """Read only the tensors of a model checkpoint (see :func:`load_checkpoint`)."""
+    sd = state_dict_from_checkpoint(load_checkpoint(path, what=what))
+    if not sd:
+        raise CheckpointError(f"{what}: '{path}' holds no weights (an empty Lightning checkpoint?); pass the model checkpoint")
+    return sd
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: readers never see half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,293 @@
+"""Object dataset for Textual Inversion: a handful of photos of one concept, captioned from prompt templates.
+
+Each item is one training image (RGB, resized to ``size`` x ``size``, randomly flipped, float32 HWC in [-1, 1])
+with a caption such as ``"a photo of a *"``, where ``*`` is the placeholder token whose embedding is learned.
+:class:`PersonalizedBase` keeps the original constructor and configuration keys; the shared machinery lives in
+:class:`TemplateCaptionDataset`, which the style dataset (:mod:`ldm.data.personalized_style`) reuses with its own
+template lists.
+
+Differences from the original code (deliberate fixes):
+
+* files come from :func:`ldm.data.images.list_image_files` (sorted by name, image extensions only, hidden files and
+  sub-folders skipped) instead of an unsorted ``os.listdir`` that also picked up stray non-image files;
+* unreadable images are skipped with one warning each as long as one image remains; otherwise
+  :class:`ldm.data.images.DataRootError` explains what is wrong with the folder;
+* images are read by :func:`ldm.data.images.load_rgb_image`: EXIF orientation applied, transparent images composited
+  on white, CMYK / 16-bit / float images converted properly to 8-bit RGB;
+* each image is decoded, cropped and resized once, at construction, not on every item;
+* ``per_image_tokens`` with 22 or more images raises a ``ValueError`` instead of a bare ``assert``; an unknown
+  ``interpolation`` name raises a ``ValueError`` listing the choices;
+* items carry two extra keys, ``"index"`` (the image number) and ``"flip"`` (whether it was mirrored), and
+  :meth:`TemplateCaptionDataset.get_image` / :meth:`TemplateCaptionDataset.sample_caption` give the same data
+  without the dataset's own randomness, so a latent cache can encode each (image, flip) pair once;
+* ``dataset[i]`` raises ``IndexError`` for ``i`` outside ``range(len(dataset))`` (the original wrapped any index),
+  so plain iteration over the dataset terminates.
+
+Randomness has the original sources: the template is drawn with ``random.choice``, the dual-template coin with
+``np.random.uniform()`` (only when ``per_image_tokens`` is on) and the flip with ``torch.rand(1) < flip_p`` (as
+torchvision's ``RandomHorizontalFlip`` does), so seeding all three reproduces a run.
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ldm.data.images import iter_readable_images
+
+imagenet_templates_smallest = [
+    "a photo of a {}",
+]
+
+imagenet_templates_small = [
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+    "an illustration of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "an illustration of a clean {}",
+    "an illustration of a dirty {}",
+    "a dark photo of the {}",
+    "an illustration of my {}",
+    "an illustration of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "an illustration of the {}",
+    "a good photo of the {}",
+    "an illustration of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "an illustration of the clean {}",
+    "a rendition of a {}",
+    "an illustration of a nice {}",
+    "a good photo of a {}",
+    "an illustration of the nice {}",
+    "an illustration of the small {}",
+    "an illustration of the weird {}",
+    "an illustration of the large {}",
+    "an illustration of a cool {}",
+    "an illustration of a small {}",
+    "a depiction of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a depiction of a clean {}",
+    "a depiction of a dirty {}",
+    "a dark photo of the {}",
+    "a depiction of my {}",
+    "a depiction of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a depiction of the {}",
+    "a good photo of the {}",
+    "a depiction of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a depiction of the clean {}",
+    "a rendition of a {}",
+    "a depiction of a nice {}",
+    "a good photo of a {}",
+    "a depiction of the nice {}",
+    "a depiction of the small {}",
+    "a depiction of the weird {}",
+    "a depiction of the large {}",
+    "a depiction of a cool {}",
+    "a depiction of a small {}",
+]
+
+imagenet_dual_templates_small = [
+    "a photo of a {} with {}",
+    "a rendering of a {} with {}",
+    "a cropped photo of the {} with {}",
+    "the photo of a {} with {}",
+    "a photo of a clean {} with {}",
+    "a photo of a dirty {} with {}",
+    "a dark photo of the {} with {}",
+    "a photo of my {} with {}",
+    "a photo of the cool {} with {}",
+    "a close-up photo of a {} with {}",
+    "a bright photo of the {} with {}",
+    "a cropped photo of a {} with {}",
+    "a photo of the {} with {}",
+    "a good photo of the {} with {}",
+    "a photo of one {} with {}",
+    "a close-up photo of the {} with {}",
+    "a rendition of the {} with {}",
+    "a photo of the clean {} with {}",
+    "a rendition of a {} with {}",
+    "a photo of a nice {} with {}",
+    "a good photo of a {} with {}",
+    "a photo of the nice {} with {}",
+    "a photo of the small {} with {}",
+    "a photo of the weird {} with {}",
+    "a photo of the large {} with {}",
+    "a photo of a cool {} with {}",
+    "a photo of a small {} with {}",
+]
+
+# The 22 Hebrew letters (no final forms), U+05D0 ... U+05EA: image i is tagged with letter i.
+per_img_token_list = [
+    "\u05d0", "\u05d1", "\u05d2", "\u05d3", "\u05d4", "\u05d5", "\u05d6", "\u05d7", "\u05d8", "\u05d9", "\u05db",
+    "\u05dc", "\u05de", "\u05e0", "\u05e1", "\u05e2", "\u05e4", "\u05e6", "\u05e7", "\u05e8", "\u05e9", "\u05ea",
+]
+
+INTERPOLATIONS = {
+    "linear": Image.Resampling.BILINEAR,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def resample_filter(interpolation: str) -> Image.Resampling:
+    """The PIL resampling filter for a config name (linear/bilinear, bicubic, lanczos)."""
+    try:
+        return INTERPOLATIONS[interpolation.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown interpolation {interpolation!r}; choose one of {', '.join(sorted(INTERPOLATIONS))}"
+        ) from None
+
+
+def center_square(pixels: np.ndarray) -> np.ndarray:
+    """The central ``min(h, w)`` square of an ``[H, W, C]`` array (offsets ``(h - s) // 2``, ``(w - s) // 2``)."""
+    height, width = pixels.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return pixels[top : top + side, left : left + side]
+
+
+def to_model_range(pixels: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> float32 in [-1, 1] (``x / 127.5 - 1``)."""
+    return (pixels / 127.5 - 1.0).astype(np.float32)
+
+
+class TemplateCaptionDataset(Dataset):
+    """Images of one folder, each decoded and resized once, served with template captions and random flips.
+
+    Subclasses choose the caption lists through the class attributes ``templates`` and ``dual_templates``.
+    """
+
+    templates: Sequence[str]
+    dual_templates: Sequence[str]
+
+    def __init__(
+        self,
+        data_root: str | os.PathLike,
+        size: int | None = None,
+        repeats: int = 100,
+        interpolation: str = "bicubic",
+        flip_p: float = 0.5,
+        set: str = "train",  # noqa: A002 - the original configuration key
+        placeholder_token: str = "*",
+        per_image_tokens: bool = False,
+        center_crop: bool = False,
+        mixing_prob: float = 0.25,
+        coarse_class_text: str | None = None,
+    ) -> None:
+        self.data_root = Path(data_root)
+        self.size = size
+        self.interpolation = resample_filter(interpolation)
+        self.flip_p = flip_p
+        self.placeholder_token = placeholder_token
+        self.per_image_tokens = per_image_tokens
+        self.center_crop = center_crop
+        self.mixing_prob = mixing_prob
+        self.coarse_class_text = coarse_class_text
+        self.image_paths: list[Path] = []
+        self._pixels: list[np.ndarray] = []
+        for path, image in iter_readable_images(self.data_root):
+            self.image_paths.append(path)
+            self._pixels.append(self._prepare(image))
+        self.num_images = len(self.image_paths)
+        self._check_per_image_tokens()
+        self._length = self.num_images * repeats if set == "train" else self.num_images
+
+    def _check_per_image_tokens(self) -> None:
+        limit = len(per_img_token_list)
+        if self.per_image_tokens and self.num_images >= limit:
+            raise ValueError(
+                f"per_image_tokens supports at most {limit - 1} images, but '{self.data_root}' holds "
+                f"{self.num_images}; use fewer images or turn per_image_tokens off"
+            )
+
+    def _prepare(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> optional centre crop -> optional resize to ``size`` x ``size`` -> uint8 ``[H, W, 3]``."""
+        pixels = np.asarray(image, dtype=np.uint8)
+        if self.center_crop:
+            pixels = center_square(pixels)
+        if self.size is None:
+            return np.ascontiguousarray(pixels)
+        resized = Image.fromarray(pixels).resize((self.size, self.size), resample=self.interpolation)
+        return np.asarray(resized, dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def placeholder_string(self) -> str:
+        """What stands for the concept in captions: the placeholder, prefixed by ``coarse_class_text`` if set."""
+        if self.coarse_class_text:
+            return f"{self.coarse_class_text} {self.placeholder_token}"
+        return self.placeholder_token
+
+    def get_image(self, i: int, flip: bool) -> np.ndarray:
+        """Image ``i % num_images`` as float32 ``[H, W, 3]`` in [-1, 1], mirrored left-right when ``flip``."""
+        pixels = self._pixels[i % self.num_images]
+        return to_model_range(pixels[:, ::-1] if flip else pixels)
+
+    def sample_caption(self, i: int) -> str:
+        """A random caption for image ``i % num_images`` (dual template with its letter with ``mixing_prob``)."""
+        if self.per_image_tokens and np.random.uniform() < self.mixing_prob:
+            letter = per_img_token_list[i % self.num_images]
+            return random.choice(self.dual_templates).format(self.placeholder_string, letter)
+        return random.choice(self.templates).format(self.placeholder_string)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self._length:
+            raise IndexError(f"index {i} out of range for a dataset of {self._length} items")
+        index = i % self.num_images
+        caption = self.sample_caption(index)
+        flip = bool(torch.rand(1).item() < self.flip_p)
+        return {"caption": caption, "image": self.get_image(index, flip), "index": index, "flip": flip}
+
+
+class PersonalizedBase(TemplateCaptionDataset):
+    """The object dataset of the original code (object templates; see the module docstring)."""
+
+    templates = imagenet_templates_small
+    dual_templates = imagenet_dual_templates_small

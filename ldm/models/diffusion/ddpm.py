@@ -1,0 +1,423 @@
+"""DDPM and LatentDiffusion: the frozen text-to-image model of the original work, checkpoint-compatible.
+
+``DDPM`` holds the denoiser (``self.model``, a :class:`DiffusionWrapper` around the UNet), the forward-process
+schedule and the noise-prediction loss. ``LatentDiffusion`` adds the first stage (the KL autoencoder), the
+conditioning stage (BERT-style or CLIP text encoder) and, for textual inversion, the ``EmbeddingManager`` that owns
+the placeholder vectors. Module and buffer names follow the public checkpoints (``model.diffusion_model.*``,
+``first_stage_model.*``, ``cond_stage_model.*``, the twelve schedule buffers), so they load unchanged.
+
+Training (optimizer, latent cache, checkpoint hooks) lives in :mod:`ldm.models.diffusion.training`, image logging in
+:mod:`ldm.models.diffusion.image_logging`; both are mixed into ``LatentDiffusion`` here.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pytorch_lightning as pl
+import torch
+from einops import rearrange
+from torch import nn
+
+from ldm.checkpoint import load_state_dict
+from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
+from ldm.models.diffusion.image_logging import ImageLoggingMixin
+from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS, lvlb_weights, schedule_arrays
+from ldm.models.diffusion.training import DDPMTrainingMixin, InversionTrainingMixin
+from ldm.modules.diffusionmodules.util import extract_into_tensor
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.util import count_params, default, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+__conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
+
+
+def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for ``.train`` on frozen submodules: Lightning's ``model.train()`` must not flip them back."""
+    return self
+
+
+def freeze_module(module: nn.Module) -> None:
+    """Eval mode for good, no gradients: the frozen parts of textual inversion."""
+    module.eval()
+    module.train = disabled_train.__get__(module)
+    for p in module.parameters():
+        p.requires_grad = False
+
+
+class DiffusionWrapper(nn.Module):
+    """Routes the conditioning to the UNet the way ``conditioning_key`` says (the ``model.`` level of checkpoints)."""
+
+    def __init__(self, diff_model_config: Any, conditioning_key: str | None) -> None:
+        super().__init__()
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm"):
+            raise ValueError(f"unknown conditioning_key '{conditioning_key}'")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None, c_crossattn: list | None = None) -> torch.Tensor:
+        key = self.conditioning_key
+        if key is None:
+            return self.diffusion_model(x, t)
+        if key == "concat":
+            return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t)
+        if key == "crossattn":
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+        if key == "hybrid":
+            return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t, context=torch.cat(c_crossattn, 1))
+        return self.diffusion_model(x, t, y=c_crossattn[0])
+
+
+class DDPM(DDPMTrainingMixin, pl.LightningModule):
+    """Gaussian diffusion with a UNet denoiser (the original's constructor arguments and defaults)."""
+
+    def __init__(
+        self,
+        unet_config: Any,
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        loss_type: str = "l2",
+        ckpt_path: str | None = None,
+        ignore_keys: list[str] | tuple = (),
+        load_only_unet: bool = False,
+        monitor: str | None = "val/loss",
+        use_ema: bool = True,
+        first_stage_key: str = "image",
+        image_size: int = 256,
+        channels: int = 3,
+        log_every_t: int = 100,
+        clip_denoised: bool = True,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        given_betas: Any = None,
+        original_elbo_weight: float = 0.0,
+        embedding_reg_weight: float = 0.0,
+        unfreeze_model: bool = False,
+        model_lr: float = 0.0,
+        v_posterior: float = 0.0,
+        l_simple_weight: float = 1.0,
+        conditioning_key: str | None = None,
+        parameterization: str = "eps",
+        scheduler_config: Any = None,
+        use_positional_encodings: bool = False,
+        learn_logvar: bool = False,
+        logvar_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if parameterization not in ("eps", "x0"):
+            raise ValueError('currently only supporting "eps" and "x0"')
+        self.parameterization = parameterization
+        self.cond_stage_model = None
+        self.clip_denoised = clip_denoised
+        self.log_every_t = log_every_t
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.use_positional_encodings = use_positional_encodings
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        logger.info("%s: the diffusion model has %.2fM parameters", type(self).__name__, count_params(self.model) * 1e-6)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model)
+        self.use_scheduler = scheduler_config is not None
+        if self.use_scheduler:
+            self.scheduler_config = scheduler_config
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.embedding_reg_weight = embedding_reg_weight
+        self.unfreeze_model = unfreeze_model
+        self.model_lr = model_lr
+        if monitor is not None:
+            self.monitor = monitor
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        self.loss_type = loss_type
+        self.learn_logvar = learn_logvar
+        self.logvar = torch.full(fill_value=logvar_init, size=(self.num_timesteps,))
+        if learn_logvar:
+            self.logvar = nn.Parameter(self.logvar, requires_grad=True)
+        if ckpt_path:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+
+    def register_schedule(
+        self,
+        given_betas: Any = None,
+        beta_schedule: str = "linear",
+        timesteps: int = 1000,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+    ) -> None:
+        arrays = schedule_arrays(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s, self.v_posterior)
+        self.num_timesteps = int(arrays["betas"].shape[0])
+        self.linear_start, self.linear_end = linear_start, linear_end
+        buffers = {name: torch.tensor(arrays[name], dtype=torch.float32) for name in SCHEDULE_BUFFERS}
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
+        self.register_buffer("lvlb_weights", lvlb_weights(buffers, arrays["alphas"], self.parameterization), persistent=False)
+        if torch.isnan(self.lvlb_weights).any():
+            raise ValueError("the schedule gives NaN variational-bound weights")
+
+    @contextmanager
+    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+        """Evaluate with the EMA weights (a no-op when ``use_ema`` is off, as in every inversion config)."""
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+            if context is not None:
+                logger.info("%s: switched to EMA weights", context)
+        try:
+            yield None
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+                if context is not None:
+                    logger.info("%s: restored training weights", context)
+
+    def init_from_ckpt(self, path: str, ignore_keys: list[str] | tuple = (), only_model: bool = False) -> tuple[list[str], list[str]]:
+        """Load pretrained weights non-strictly (as the original); returns (missing, unexpected) keys."""
+        sd = load_state_dict(path, what="ckpt_path")
+        for key in list(sd):
+            if any(key.startswith(prefix) for prefix in ignore_keys):
+                del sd[key]
+        target = self.model if only_model else self
+        missing, unexpected = target.load_state_dict(sd, strict=False)
+        logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
+        return list(missing), list(unexpected)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        return (
+            extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+            + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+        )
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return (
+            extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
+        )
+
+    def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
+        if self.loss_type == "l1":
+            loss = (target - pred).abs()
+        elif self.loss_type == "l2":
+            loss = torch.nn.functional.mse_loss(target, pred, reduction="none")
+        else:
+            raise NotImplementedError(f"unknown loss type '{self.loss_type}'")
+        return loss.mean() if mean else loss
+
+    def loss_from_prediction(self, model_output: torch.Tensor, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The original's loss: per-sample MSE, weighted by the (fixed) logvar, plus the weighted VLB term."""
+        prefix = "train" if self.training else "val"
+        target = noise if self.parameterization == "eps" else x_start
+        per_sample = self.get_loss(model_output, target, mean=False).mean(dim=[1, 2, 3])
+        loss_dict = {f"{prefix}/loss_simple": per_sample.mean()}
+        logvar_t = self.logvar.to(per_sample.device)[t]
+        loss = per_sample / torch.exp(logvar_t) + logvar_t
+        if self.learn_logvar:
+            loss_dict[f"{prefix}/loss_gamma"] = loss.mean()
+            loss_dict["logvar"] = self.logvar.data.mean()
+        loss = self.l_simple_weight * loss.mean()
+        loss_vlb = (self.lvlb_weights[t] * per_sample).mean()
+        loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
+        loss = loss + self.original_elbo_weight * loss_vlb
+        loss_dict[f"{prefix}/loss"] = loss
+        return loss, loss_dict
+
+    def p_losses(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
+        return self.loss_from_prediction(self.model(x_noisy, t), x_start, noise, t)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict]:
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        return self.p_losses(x, t, *args, **kwargs)
+
+    def get_input(self, batch: dict, k: str) -> torch.Tensor:
+        """Images of a batch as BCHW float (datasets give HWC arrays in [-1, 1])."""
+        x = batch[k]
+        if len(x.shape) == 3:
+            x = x[..., None]
+        x = rearrange(x, "b h w c -> b c h w")
+        return x.to(memory_format=torch.contiguous_format).float()
+
+
+class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
+    """Diffusion in the latent space of a frozen autoencoder, conditioned on text; hosts the EmbeddingManager."""
+
+    def __init__(
+        self,
+        first_stage_config: Any,
+        cond_stage_config: Any,
+        personalization_config: Any = None,
+        num_timesteps_cond: int | None = None,
+        cond_stage_key: str = "image",
+        cond_stage_trainable: bool = False,
+        concat_mode: bool = True,
+        cond_stage_forward: str | None = None,
+        conditioning_key: str | None = None,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        cache_latents: bool = True,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        self.num_timesteps_cond = default(num_timesteps_cond, 1)
+        self.scale_by_std = scale_by_std
+        if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
+            raise ValueError("num_timesteps_cond cannot exceed timesteps")
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__":
+            conditioning_key = None
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", [])
+        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
+        self.concat_mode = concat_mode
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        try:
+            self.num_downs = len(first_stage_config.params.ddconfig.ch_mult) - 1
+        except (AttributeError, KeyError):
+            self.num_downs = 0
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        else:
+            self.scale_factor = scale_factor
+        self.instantiate_first_stage(first_stage_config)
+        self.instantiate_cond_stage(cond_stage_config)
+        self.cond_stage_forward = cond_stage_forward
+        self.clip_denoised = False
+        self.cache_latents = cache_latents
+        self.restarted_from_ckpt = False
+        if ckpt_path:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.restarted_from_ckpt = True
+        self.embedding_manager = None
+        if personalization_config is not None:
+            self.setup_personalization(personalization_config)
+
+    def setup_personalization(self, personalization_config: Any) -> None:
+        """Freeze the model (unless ``unfreeze_model``) and build the EmbeddingManager on the loaded text encoder."""
+        if not self.unfreeze_model:
+            freeze_module(self.cond_stage_model)
+            freeze_module(self.model)
+        self.embedding_manager = instantiate_from_config(personalization_config, embedder=self.cond_stage_model)
+        params = personalization_config.get("params", None) or {}
+        ckpt = params.get("embedding_manager_ckpt", None)
+        if ckpt:
+            self.embedding_manager.load(ckpt)
+        for p in self.embedding_manager.embedding_parameters():
+            p.requires_grad = True
+
+    def instantiate_first_stage(self, config: Any) -> None:
+        model = instantiate_from_config(config)
+        self.first_stage_model = model
+        freeze_module(model)
+
+    def instantiate_cond_stage(self, config: Any) -> None:
+        if config == "__is_first_stage__":
+            self.cond_stage_model = self.first_stage_model
+        elif config == "__is_unconditional__":
+            self.cond_stage_model = None
+        else:
+            self.cond_stage_model = instantiate_from_config(config)
+            if not self.cond_stage_trainable:
+                freeze_module(self.cond_stage_model)
+
+    def get_learned_conditioning(self, c: Any) -> torch.Tensor:
+        """Text (or token ids) -> conditioning, with the placeholder vectors substituted when a manager exists."""
+        if self.cond_stage_forward is not None:
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        encode = getattr(self.cond_stage_model, "encode", None)
+        if not callable(encode):
+            return self.cond_stage_model(c)
+        c = encode(c, embedding_manager=self.embedding_manager) if self.embedding_manager is not None else encode(c)
+        return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+
+    def encode_first_stage(self, x: torch.Tensor) -> Any:
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
+        """A sample of the posterior (or the latent itself), times ``scale_factor``."""
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise NotImplementedError(f"encoder_posterior of type '{type(encoder_posterior)}' not yet implemented")
+        return self.scale_factor * z
+
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False) -> torch.Tensor:
+        z = 1.0 / self.scale_factor * z
+        if isinstance(self.first_stage_model, VQModelInterface):
+            return self.first_stage_model.decode(z, force_not_quantize=force_not_quantize)
+        return self.first_stage_model.decode(z)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False) -> torch.Tensor:
+        """The denoiser's prediction; ``cond`` is a tensor, a list of tensors, or the wrapper's keyword dict."""
+        if not isinstance(cond, dict):
+            if not isinstance(cond, list):
+                cond = [cond]
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond}
+        x_recon = self.model(x_noisy, t, **cond)
+        if isinstance(x_recon, tuple) and not return_ids:
+            return x_recon[0]
+        return x_recon
+
+    def get_input(  # type: ignore[override]
+        self,
+        batch: dict,
+        k: str,
+        return_first_stage_outputs: bool = False,
+        force_c_encode: bool = False,
+        cond_key: str | None = None,
+        return_original_cond: bool = False,
+        bs: int | None = None,
+    ) -> list:
+        """``[z, c]`` for a batch: the scaled latent sample and the conditioning (raw captions when trainable)."""
+        x = super().get_input(batch, k)
+        if bs is not None:
+            x = x[:bs]
+        x = x.to(self.device)
+        z = self.encode_latents(batch, x)
+        c = xc = None
+        if self.model.conditioning_key is not None:
+            xc = batch[default(cond_key, self.cond_stage_key)]
+            if isinstance(xc, torch.Tensor) and xc.dim() == 4 and xc.shape[-1] in (1, 3):
+                xc = super().get_input(batch, default(cond_key, self.cond_stage_key)).to(self.device)
+            c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
+            if bs is not None:
+                c = c[:bs]
+        out = [z, c]
+        if return_first_stage_outputs:
+            out.extend([x, self.decode_first_stage(z)])
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict]:
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        if self.model.conditioning_key is not None and self.cond_stage_trainable:
+            c = self.get_learned_conditioning(c)
+        return self.p_losses(x, c, t, *args, **kwargs)
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:  # type: ignore[override]
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
+        loss, loss_dict = self.loss_from_prediction(self.apply_model(x_noisy, t, cond), x_start, noise, t)
+        if self.embedding_reg_weight > 0 and self.embedding_manager is not None:
+            reg = self.embedding_manager.embedding_to_coarse_loss().mean()
+            prefix = "train" if self.training else "val"
+            loss_dict[f"{prefix}/loss_emb_reg"] = reg
+            loss = loss + self.embedding_reg_weight * reg
+            loss_dict[f"{prefix}/loss"] = loss
+        return loss, loss_dict
+

@@ -1,0 +1,159 @@
+"""Training behaviour of DDPM/LatentDiffusion under Lightning: the plain LDM training of upstream, and textual
+inversion (only the placeholder vectors learn; everything else frozen).
+
+Inversion additions over the original:
+- a latent cache: the first stage is frozen and the data are fixed up to the horizontal flip, so each (image, flip)
+  pair is encoded once and its posterior mean/std kept; every step draws ``z = mean + std * noise``, exactly the
+  original's distribution without running the VAE encoder in the loop;
+- Lightning checkpoints keep only what training changes (the vectors, optimizer and loop state), never the frozen
+  model, so ``-r`` resumes for real while files stay kilobytes (the original emptied them);
+- embedding files are written atomically, numbered as the original (``embeddings_gs-499.pt`` after 500 steps).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.checkpoint import atomic_torch_save
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last finite embedding has been kept."""
+
+
+class DDPMTrainingMixin:
+    """Upstream LDM training: loss on a batch, logging, EMA update, AdamW over the trainable weights."""
+
+    def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        x = self.get_input(batch, self.first_stage_key)
+        return self(x)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, loss_dict = self.shared_step(batch)
+        self.check_finite(loss)
+        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=self.batch_size_of(batch))
+        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, loss_dict = self.shared_step(batch)
+        with self.ema_scope():
+            _, loss_dict_ema = self.shared_step(batch)
+        loss_dict_ema = {f"{k}_ema": v for k, v in loss_dict_ema.items()}
+        bs = self.batch_size_of(batch)
+        self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=bs)
+        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=bs)
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop on a NaN/inf loss (one host sync per step; the loss is logged anyway)."""
+        if not math.isfinite(float(loss.detach())):
+            raise NonFiniteLossError(
+                f"the loss became {float(loss.detach())} at step {self.global_step}; lower the learning rate or use "
+                "--precision 32 (the last finite embedding was kept)"
+            )
+
+    @staticmethod
+    def batch_size_of(batch: dict) -> int:
+        for value in batch.values():
+            return len(value)
+        return 1
+
+    def trainable_model_parameters(self) -> list[torch.nn.Parameter]:
+        params = list(self.model.parameters())
+        if getattr(self, "cond_stage_trainable", False) and self.cond_stage_model is not None:
+            params += list(self.cond_stage_model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.trainable_model_parameters(), lr=self.learning_rate)
+        if not self.use_scheduler:
+            return opt
+        scheduler = instantiate_from_config(self.scheduler_config)
+        lr_sched = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=scheduler.schedule), "interval": "step", "frequency": 1}
+        return [opt], [lr_sched]
+
+
+class InversionTrainingMixin:
+    """Textual inversion on LatentDiffusion: latent cache, embedding-only optimizer, small checkpoints."""
+
+    @property
+    def inverting(self) -> bool:
+        return self.embedding_manager is not None and not self.unfreeze_model
+
+    def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        x, c = self.get_input(batch, self.first_stage_key)
+        return self(x, c)
+
+    def encode_latents(self, batch: dict, x: torch.Tensor) -> torch.Tensor:
+        """The scaled latent sample of each image; with the cache, the VAE encoder runs once per (image, flip)."""
+        if not (self.cache_latents and "index" in batch and "flip" in batch):
+            return self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        cache = self.__dict__.setdefault("_latent_cache", {})
+        keys = [(int(i), bool(f)) for i, f in zip(batch["index"][: x.shape[0]], batch["flip"][: x.shape[0]])]
+        missing = [j for j, k in enumerate(keys) if k not in cache]
+        if missing:
+            with torch.no_grad():
+                post = self.encode_first_stage(x[missing])
+            means, stds = (post.mean, post.std) if isinstance(post, DiagonalGaussianDistribution) else (post, torch.zeros_like(post))
+            for j, mean, std in zip(missing, means, stds):
+                cache[keys[j]] = (mean.detach(), std.detach())
+        mean = torch.stack([cache[k][0] for k in keys]).to(x.device)
+        std = torch.stack([cache[k][1] for k in keys]).to(x.device)
+        return self.scale_factor * (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype))
+
+    def clear_latent_cache(self) -> None:
+        self.__dict__.pop("_latent_cache", None)
+
+    def configure_optimizers(self) -> Any:
+        if self.embedding_manager is None:
+            return super().configure_optimizers()
+        embedding_params = list(self.embedding_manager.embedding_parameters())
+        if not self.unfreeze_model:
+            return torch.optim.AdamW(embedding_params, lr=self.learning_rate)
+        model_params = list(self.cond_stage_model.parameters()) + list(self.model.parameters())
+        return torch.optim.AdamW([{"params": embedding_params, "lr": self.learning_rate}, {"params": model_params}], lr=self.model_lr)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only trainable state in Lightning checkpoints, and write the embedding files next to them."""
+        if self.embedding_manager is None:
+            return
+        if self.inverting:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("embedding_manager.")}
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if ckpt_dir:
+            self.save_embeddings(Path(ckpt_dir), max(trainer.global_step - 1, 0))
+
+    def save_embeddings(self, ckpt_dir: Path, step: int) -> None:
+        """``embeddings.pt`` (latest) and ``embeddings_gs-<step>.pt``, each written atomically."""
+        if not self.embeddings_are_finite():
+            logger.warning("not saving embeddings at step %d: they are not finite", step)
+            return
+        payload = self.embedding_manager.state_to_save(extra={"step": step})
+        for name in ("embeddings.pt", f"embeddings_gs-{step}.pt"):
+            atomic_torch_save(payload, ckpt_dir / name)
+
+    def embeddings_are_finite(self) -> bool:
+        return all(torch.isfinite(p).all() for p in self.embedding_manager.embedding_parameters())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Small checkpoints hold only the embedding: load the rest from the model, not from the file."""
+        if self.inverting:
+            self.strict_loading = False

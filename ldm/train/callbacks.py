@@ -1,0 +1,158 @@
+"""Lightning callbacks of a run: the run folder and its configs, image grids, the loss curve, and saving the
+embedding when a run ends early (Ctrl-C, SIGTERM, an error) so nothing learned is lost.
+
+Every file is written by global rank 0 only.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from ldm.data.images import save_image_grid
+
+logger = logging.getLogger(__name__)
+
+
+class SetupCallback(pl.Callback):
+    """Creates ``<run>/{checkpoints,configs}`` and writes ``<now>-project.yaml`` and ``<now>-lightning.yaml``."""
+
+    def __init__(self, resume: bool, now: str, logdir: str, ckptdir: str, cfgdir: str, config: Any, lightning_config: Any) -> None:
+        super().__init__()
+        self.resume, self.now = resume, now
+        self.logdir, self.ckptdir, self.cfgdir = Path(logdir), Path(ckptdir), Path(cfgdir)
+        self.config, self.lightning_config = config, lightning_config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        for folder in (self.logdir, self.ckptdir, self.cfgdir):
+            folder.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, self.cfgdir / f"{self.now}-project.yaml")
+        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}), self.cfgdir / f"{self.now}-lightning.yaml")
+        logger.info("Project config\n%s", OmegaConf.to_yaml(self.config))
+
+
+class ImageLogger(pl.Callback):
+    """Every ``batch_frequency`` steps: ``images/<split>/<key>_gs-XXXXXX_e-XXXXXX_b-XXXXXX.jpg`` grids."""
+
+    def __init__(
+        self,
+        batch_frequency: int,
+        max_images: int,
+        clamp: bool = True,
+        increase_log_steps: bool = True,
+        rescale: bool = True,
+        disabled: bool = False,
+        log_on_batch_idx: bool = False,
+        log_first_step: bool = False,
+        log_images_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_freq = batch_frequency
+        self.max_images = max_images
+        self.log_steps = [2**n for n in range(int(torch.log2(torch.tensor(float(batch_frequency)))) + 1)] if increase_log_steps else [batch_frequency]
+        self.clamp, self.rescale, self.disabled = clamp, rescale, disabled
+        self.log_on_batch_idx, self.log_first_step = log_on_batch_idx, log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+
+    def check_frequency(self, step: int) -> bool:
+        if step == 0 and not self.log_first_step:
+            return False
+        if step % self.batch_freq == 0 or step in self.log_steps:
+            if self.log_steps and step in self.log_steps:
+                self.log_steps.pop(0)
+            return True
+        return False
+
+    def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict, batch_idx: int, split: str) -> None:
+        step = batch_idx if self.log_on_batch_idx else pl_module.global_step
+        if self.disabled or self.max_images <= 0 or not hasattr(pl_module, "log_images") or not self.check_frequency(step):
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            images = pl_module.log_images(batch, split=split, N=self.max_images, **self.log_images_kwargs)
+        if was_training:
+            pl_module.train()
+        if not trainer.is_global_zero:
+            return
+        root = Path(trainer.logger.save_dir if trainer.logger else trainer.default_root_dir) / "images" / split
+        for key, value in images.items():
+            grid = value[: self.max_images].detach().float().cpu()
+            if self.clamp:
+                grid = grid.clamp(-1.0, 1.0)
+            name = f"{key}_gs-{pl_module.global_step:06}_e-{pl_module.current_epoch:06}_b-{batch_idx:06}.jpg"
+            save_image_grid(grid, root / name, nrow=4, signed=self.rescale)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log_img(trainer, pl_module, batch, batch_idx, split="train")
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if pl_module.global_step > 0:
+            self.log_img(trainer, pl_module, batch, batch_idx, split="val")
+
+
+class EmbeddingRescue(pl.Callback):
+    """Saves the embedding and a last checkpoint at the end of training and when a run stops early."""
+
+    def __init__(self, ckptdir: str) -> None:
+        super().__init__()
+        self.ckptdir = Path(ckptdir)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.ckptdir / "last.ckpt")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if getattr(pl_module, "embedding_manager", None) is None or not trainer.is_global_zero:
+            return
+        step = max(trainer.global_step - 1, 0)
+        if pl_module.embeddings_are_finite():
+            pl_module.save_embeddings(self.ckptdir, step)
+            logger.warning("run stopped (%s): embedding of step %d saved to %s", type(exception).__name__, step, self.ckptdir / "embeddings.pt")
+
+
+class LossCurve(pl.Callback):
+    """At the end of training, ``<run>/loss.png``: the training loss per step from the CSV log."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.logger is None or not trainer.logger.log_dir:
+            return
+        trainer.logger.save()
+        metrics = Path(trainer.logger.log_dir) / "metrics.csv"
+        if metrics.exists():
+            plot_loss_curve(metrics, Path(trainer.logger.save_dir) / "loss.png")
+
+
+def plot_loss_curve(metrics_csv: Path, out_png: Path, key: str = "train/loss_step") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = [], []
+    with open(metrics_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get(key):
+                steps.append(int(row["step"]))
+                losses.append(float(row[key]))
+    if not steps:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=0.6, alpha=0.5, label="per step")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
+        ax.plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,184 @@
+"""Textual inversion (and plain LDM training) with PyTorch Lightning: the original's command line, on Lightning 2.
+
+    python main.py --base configs/latent-diffusion/txt2img-1p4B-finetune.yaml -t --actual_resume MODEL.ckpt \
+        -n RUN --gpus 0, --data_root DIR --init_word WORD
+
+This file only wires things together: command line -> merged config -> model, data, Trainer and callbacks. The
+pieces live under ``ldm/train/``; the config-facing names ``main.DataModuleFromConfig`` and ``main.ImageLogger``
+are re-exported here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from ldm.data.images import validate_image_folder
+from ldm.train.callbacks import EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
+from ldm.train.cli import get_parser, load_configs, parse_gpus, resolve_run, split_unknown
+from ldm.train.data import DataModuleFromConfig
+from ldm.train.errors import ConfigError, run_cli
+from ldm.util import instantiate_from_config
+
+__all__ = ["DataModuleFromConfig", "ImageLogger", "main"]
+
+logger = logging.getLogger("main")
+
+
+def trainer_settings(opt: Any, extra: dict[str, Any], lightning_config: Any) -> tuple[dict[str, Any], int]:
+    """Trainer keyword arguments (config, then command line) and the number of devices for the learning rate."""
+    settings = dict(OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True))
+    devices, ngpu = parse_gpus(opt.gpus)
+    if devices is not None:
+        settings.update(accelerator="gpu", devices=devices)
+        if ngpu > 1:
+            settings.setdefault("strategy", "ddp")
+    for key in ("accelerator", "devices", "strategy", "num_nodes", "max_steps", "max_epochs", "accumulate_grad_batches", "precision",
+                "check_val_every_n_epoch", "limit_val_batches", "log_every_n_steps"):
+        value = getattr(opt, key)
+        if value is not None:
+            settings[key] = parse_devices(value) if key == "devices" else value
+    settings.update(extra)
+    settings.setdefault("max_steps", -1)
+    if settings["max_steps"] in (-1, None) and settings.get("max_epochs") is None:
+        raise ConfigError("the config sets no max_steps (the style configs do not); pass --max_steps N, e.g. --max_steps 5000")
+    return settings, count_devices(settings.get("devices", 1))
+
+
+def parse_devices(value: str) -> Any:
+    text = str(value).strip()
+    if "," in text:
+        return [int(v) for v in text.split(",") if v.strip()]
+    return "auto" if text == "auto" else int(text)
+
+
+def count_devices(devices: Any) -> int:
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    return devices if isinstance(devices, int) and devices > 0 else 1
+
+
+def personalize(config: Any, opt: Any) -> None:
+    """Apply --actual_resume, --embedding_manager_ckpt, --placeholder_string, --init_word and --data_root."""
+    params = config.model.params
+    if opt.actual_resume:
+        params.ckpt_path = opt.actual_resume
+    if "personalization_config" in params:
+        pers = params.personalization_config.setdefault("params", {})
+        pers.embedding_manager_ckpt = opt.embedding_manager_ckpt
+        if opt.placeholder_string:
+            pers.placeholder_strings = [opt.placeholder_string]
+        if opt.init_word:
+            words = list(pers.get("initializer_words", None) or [])
+            pers.initializer_words = [opt.init_word] + words[1:]
+    data = config.get("data", None)
+    if data is None:
+        return
+    for split in ("train", "validation", "test"):
+        node = data.params.get(split, None)
+        if node is None:
+            continue
+        node.setdefault("params", {})
+        if opt.data_root:
+            node.params.data_root = opt.data_root
+        if opt.placeholder_string:
+            node.params.placeholder_token = opt.placeholder_string  # the original kept "*" in the captions
+
+
+def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, resume: bool) -> list[pl.Callback]:
+    callbacks: list[pl.Callback] = [
+        SetupCallback(resume, run.now, str(run.logdir), str(run.ckptdir), str(run.cfgdir), config, lightning_config),
+        pl.callbacks.LearningRateMonitor(logging_interval="step"),
+        EmbeddingRescue(str(run.ckptdir)),
+        LossCurve(),
+    ]
+    ckpt_params = {"dirpath": str(run.ckptdir), "filename": "{epoch:06}", "verbose": True, "save_last": True}
+    ckpt_params.update(OmegaConf.to_container(lightning_config.get("modelcheckpoint", {}).get("params", {}), resolve=True))
+    callbacks.append(pl.callbacks.ModelCheckpoint(**ckpt_params))
+    configured = lightning_config.get("callbacks", {})
+    for name, cfg in configured.items():
+        callbacks.append(instantiate_from_config(cfg))
+    if "image_logger" not in configured:
+        callbacks.append(ImageLogger(batch_frequency=750, max_images=4, clamp=True))
+    return callbacks
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM behaves like Ctrl-C (save the embedding, exit); SIGUSR1 only where the platform has it."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def check_actual_resume(opt: Any, config: Any) -> None:
+    needs_weights = "personalization_config" in config.model.params
+    if needs_weights and not config.model.params.get("ckpt_path"):
+        raise ConfigError("--actual_resume is required: the pretrained model checkpoint to invert against")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_float32_matmul_precision("high")
+    sys.path.insert(0, os.getcwd())
+    opt, unknown = get_parser().parse_known_args()
+    dotlist, extra = split_unknown(unknown)
+    if opt.resume_from_checkpoint:
+        opt.resume = opt.resume_from_checkpoint
+    run = resolve_run(opt)
+    config = load_configs(run.resumed_configs + list(opt.base), dotlist)
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    personalize(config, opt)
+    check_actual_resume(opt, config)
+    if opt.data_root:
+        validate_image_folder(opt.data_root)
+    elif "personalization_config" in config.model.params and opt.train:
+        raise ConfigError("--data_root is required: the folder of the concept's images")
+    os.environ.setdefault("TI_RUN_DIR", str(run.logdir))
+    pl.seed_everything(opt.seed, workers=True)
+
+    settings, ngpu = trainer_settings(opt, extra, lightning_config)
+    lightning_config.trainer = settings
+    model = instantiate_from_config(config.model)
+    data = instantiate_from_config(config.data) if "data" in config else None
+    callbacks = default_callbacks(run, opt, config, lightning_config, bool(run.resume_ckpt))
+    pl_logger = pl.loggers.CSVLogger(save_dir=str(run.logdir), name="csv")
+    trainer = pl.Trainer(callbacks=callbacks, logger=pl_logger, default_root_dir=str(run.logdir), **settings)
+    if data is not None:
+        data.setup()
+        for name, dataset in data.datasets.items():
+            logger.info("%s, %s, %d", name, type(dataset).__name__, len(dataset))
+
+    base_lr = config.model.base_learning_rate
+    bs = config.data.params.batch_size if data is not None else 1
+    accumulate = settings.get("accumulate_grad_batches", 1) or 1
+    nodes = settings.get("num_nodes", 1) or 1
+    if opt.scale_lr:
+        model.learning_rate = accumulate * ngpu * nodes * bs * base_lr
+        logger.info(
+            "Setting learning rate to %.2e = %d (accumulate_grad_batches) * %d (num_gpus) * %d (batchsize) * %.2e (base_lr)",
+            model.learning_rate, accumulate, ngpu * nodes, bs, base_lr,
+        )
+    else:
+        model.learning_rate = base_lr
+        logger.info("++++ NOT USING LR SCALING ++++\nSetting learning rate to %.2e", model.learning_rate)
+
+    install_signal_handlers()
+    if opt.train:
+        trainer.fit(model, data, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None)
+    if not opt.no_test and not trainer.interrupted and data is not None and data.has("test"):
+        trainer.test(model, data)
+    if trainer.is_global_zero and opt.train:
+        logger.info("Done. Embedding: %s  Images: %s", run.ckptdir / "embeddings.pt", run.logdir / "images")
+
+
+if __name__ == "__main__":
+    run_cli(main)
