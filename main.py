@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,7 @@ def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, re
     callbacks: list[pl.Callback] = [
         SetupCallback(resume, run.now, str(run.logdir), str(run.ckptdir), str(run.cfgdir), config, lightning_config),
         pl.callbacks.LearningRateMonitor(logging_interval="step"),
+        pl.callbacks.TQDMProgressBar(),
         EmbeddingRescue(str(run.ckptdir)),
         LossCurve(),
     ]
@@ -127,6 +129,9 @@ def check_actual_resume(opt: Any, config: Any) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # the frozen parts stay in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     torch.set_float32_matmul_precision("high")
     sys.path.insert(0, os.getcwd())
     opt, unknown = get_parser().parse_known_args()
@@ -173,7 +178,7 @@ def main() -> None:
 
     install_signal_handlers()
     if opt.train:
-        trainer.fit(model, data, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None)
+        trainer.fit(model, data, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None, weights_only=True)
     if not opt.no_test and not trainer.interrupted and data is not None and data.has("test"):
         trainer.test(model, data)
     if trainer.is_global_zero and opt.train:

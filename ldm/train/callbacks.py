@@ -106,7 +106,7 @@ class EmbeddingRescue(pl.Callback):
         self.ckptdir = Path(ckptdir)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.save_checkpoint(self.ckptdir / "last.ckpt")
+        trainer.save_checkpoint(self.ckptdir / "last.ckpt", weights_only=False)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if getattr(pl_module, "embedding_manager", None) is None or not trainer.is_global_zero:

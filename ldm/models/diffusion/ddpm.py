@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ldm.checkpoint import load_state_dict
+from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
 from ldm.models.diffusion.image_logging import ImageLoggingMixin
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS, lvlb_weights, schedule_arrays
@@ -46,6 +46,22 @@ def freeze_module(module: nn.Module) -> None:
     module.train = disabled_train.__get__(module)
     for p in module.parameters():
         p.requires_grad = False
+
+
+def checkpoint_family(keys: Any) -> str | None:
+    """Which text-to-image family a set of state-dict keys belongs to, when the text encoder tells."""
+    keys = list(keys)
+    if any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys):
+        return "SD v1 (CLIP text encoder)"
+    if any(k.startswith("cond_stage_model.transformer.token_emb") for k in keys):
+        return "LDM (BERT-style text encoder)"
+    return None
+
+
+def describe_mismatch(path: str, bad_keys: list[str], problem: str, have: str | None, want: str | None) -> str:
+    """One line on why a checkpoint does not fit the config, naming both model families when they differ."""
+    hint = f"it is an {have} checkpoint but the config builds an {want} model; " if have and want and have != want else ""
+    return f"checkpoint '{path}' does not fit the config: {len(bad_keys)} model weights {problem} (e.g. {bad_keys[0]}); {hint}pass the checkpoint that matches --base"
 
 
 class DiffusionWrapper(nn.Module):
@@ -155,11 +171,13 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
         arrays = schedule_arrays(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s, self.v_posterior)
         self.num_timesteps = int(arrays["betas"].shape[0])
         self.linear_start, self.linear_end = linear_start, linear_end
-        buffers = {name: torch.tensor(arrays[name], dtype=torch.float32) for name in SCHEDULE_BUFFERS}
+        with torch.device("cpu"):  # small and exact, whatever device context the model is built in
+            buffers = {name: torch.tensor(arrays[name], dtype=torch.float32) for name in SCHEDULE_BUFFERS}
+            weights = lvlb_weights(buffers, arrays["alphas"], self.parameterization)
         for name, value in buffers.items():
             self.register_buffer(name, value)
-        self.register_buffer("lvlb_weights", lvlb_weights(buffers, arrays["alphas"], self.parameterization), persistent=False)
-        if torch.isnan(self.lvlb_weights).any():
+        self.register_buffer("lvlb_weights", weights, persistent=False)
+        if torch.isnan(weights).any():
             raise ValueError("the schedule gives NaN variational-bound weights")
 
     @contextmanager
@@ -179,13 +197,25 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
                     logger.info("%s: restored training weights", context)
 
     def init_from_ckpt(self, path: str, ignore_keys: list[str] | tuple = (), only_model: bool = False) -> tuple[list[str], list[str]]:
-        """Load pretrained weights non-strictly (as the original); returns (missing, unexpected) keys."""
-        sd = load_state_dict(path, what="ckpt_path")
-        for key in list(sd):
-            if any(key.startswith(prefix) for prefix in ignore_keys):
-                del sd[key]
+        """Load pretrained weights (non-strict, as the original); returns (missing, unexpected) keys.
+
+        Keys a config does not use (``model_ema.*`` without EMA) are dropped quietly; a checkpoint that leaves model
+        weights missing is refused with a message naming the likely mismatch (e.g. an SD checkpoint for an LDM config).
+        """
+        sd = load_state_dict(path, what="--actual_resume / ckpt_path")
+        sd = {k: v for k, v in sd.items() if not any(k.startswith(prefix) for prefix in ignore_keys)}
+        if not self.use_ema:
+            sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
         target = self.model if only_model else self
+        own = target.state_dict()
+        have, want = checkpoint_family(sd), checkpoint_family(own)
+        mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+        if mismatched:
+            raise CheckpointError(describe_mismatch(path, mismatched, "have the wrong shape", have, want))
         missing, unexpected = target.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("embedding_manager.")]
+        if missing:
+            raise CheckpointError(describe_mismatch(path, missing, "are missing", have, want))
         logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
         return list(missing), list(unexpected)
 

@@ -37,6 +37,11 @@ def make_beta_schedule(
     cosine_s: float = 8e-3,
 ) -> np.ndarray:
     """The betas of a diffusion noise schedule, as float64 numpy array of length ``n_timestep``."""
+    with torch.device("cpu"):  # also when a model is being built under a meta/cuda device context
+        return _beta_schedule(schedule, n_timestep, linear_start, linear_end, cosine_s)
+
+
+def _beta_schedule(schedule: str, n_timestep: int, linear_start: float, linear_end: float, cosine_s: float) -> np.ndarray:
     if schedule == "linear":
         betas = torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
     elif schedule == "cosine":

@@ -1,0 +1,209 @@
+"""The shapes world: a tiny, exactly known image distribution for training and judging a text-to-image model.
+
+Every image is ``size`` x ``size`` RGB with one shape (circle, square, triangle, star or cross) of one colour on a
+plain background. Shapes are drawn with PIL at 4x the final size and box-downsampled, so edges are anti-aliased.
+Size and position vary; shapes stay upright and keep a margin of background at the border (the judge reads the
+background there).
+
+Captions name the three attributes, e.g. ``"a photo of a red star on a blue background"``. Two things have no words:
+
+* the pink background: its phrase is omitted (``"a photo of a red star"`` means a pink background), which makes
+  pink a second concept to invert (``"a photo of a * on a & background"``);
+* the combination **orange cross**, which the training set never renders (:data:`HELD_OUT`). Both words are known,
+  so "orange cross" as words is a real baseline: the model learned that orange rules a cross out. Inverting the
+  orange cross therefore asks for something the frozen model can draw but no words can name.
+
+Captions use ``"a photo of a {}"`` half of the time and the object templates of :mod:`ldm.data.personalized` the
+other half, so the inversion captions (``"a cropped photo of the *"``...) contain only words the model was trained on.
+The shape word is replaced by the generic ``"shape"`` a fifth of the time, keeping "shape" a sensible init word.
+
+Everything is deterministic: item ``i`` of a dataset with seed ``s`` depends only on ``(s, i)``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+from ldm.data.personalized import imagenet_templates_small
+
+logger = logging.getLogger(__name__)
+
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 80, 230),
+    "yellow": (240, 220, 40),
+    "purple": (150, 60, 190),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+}
+BACKGROUNDS = {
+    "black": (15, 15, 15),
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "blue": (50, 80, 230),
+    "green": (40, 170, 60),
+    "pink": (250, 170, 205),
+}
+UNNAMED_BACKGROUND = "pink"
+HELD_OUT = frozenset({("orange", "cross")})
+GENERIC_SHAPE_WORD = "shape"
+MAIN_TEMPLATE = "a photo of a {}"
+SUPERSAMPLE = 4
+MIN_SIDE, MAX_SIDE = 0.45, 0.72  # the shape's box side as a share of the image side
+MARGIN = 0.09  # background kept at the border, as a share of the image side
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows: the shape in a square box of side ``side`` centred at ``(cx, cy)`` (image units)."""
+
+    shape: str
+    colour: str
+    background: str
+    cx: float = 0.5
+    cy: float = 0.5
+    side: float = 0.6
+
+
+def describe(shape: str, colour: str, background: str) -> str:
+    """``"red star on a blue background"``; the pink background has no phrase."""
+    phrase = f"{colour} {shape}"
+    return phrase if background == UNNAMED_BACKGROUND else f"{phrase} on a {background} background"
+
+
+def allowed(shape: str, colour: str, background: str, holdout: frozenset = HELD_OUT) -> bool:
+    """Whether training may show this combination (a visible shape, not held out)."""
+    return colour != background and (colour, shape) not in holdout
+
+
+def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+    radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+    return list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles)))
+
+
+def _cross(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    a = 0.36 * r
+    pts = [(a, r), (a, a), (r, a), (r, -a), (a, -a), (a, -r), (-a, -r), (-a, -a), (-r, -a), (-r, a), (-a, a), (-a, r)]
+    return [(cx + x, cy + y) for x, y in pts]
+
+
+def render(scene: Scene, size: int = 32) -> np.ndarray:
+    """The scene as uint8 ``[size, size, 3]``: drawn at 4x, box-downsampled (anti-aliased)."""
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    fill = COLOURS[scene.colour]
+    cx, cy, r = scene.cx * big, scene.cy * big, scene.side * big / 2
+    if scene.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle((cx - 0.9 * r, cy - 0.9 * r, cx + 0.9 * r, cy + 0.9 * r), fill=fill)
+    elif scene.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+    elif scene.shape == "star":
+        draw.polygon(_star(cx, cy + 0.1 * r, 1.1 * r), fill=fill)
+    elif scene.shape == "cross":
+        draw.polygon(_cross(cx, cy, r), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {scene.shape!r}; choose one of {', '.join(SHAPES)}")
+    return np.asarray(image.resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
+
+
+def random_scene(rng: np.random.Generator, shape: str | None = None, colour: str | None = None,
+                 background: str | None = None, holdout: frozenset = HELD_OUT) -> Scene:
+    """A random allowed scene; fixed attributes are kept, the others drawn uniformly (rejecting disallowed ones)."""
+    for _ in range(1000):
+        s = shape or SHAPES[rng.integers(len(SHAPES))]
+        c = colour or list(COLOURS)[rng.integers(len(COLOURS))]
+        b = background or list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+        if allowed(s, c, b, holdout) or (shape and colour and background):
+            break
+    else:
+        raise ValueError(f"no allowed scene with shape={shape}, colour={colour}, background={background}")
+    side = rng.uniform(MIN_SIDE, MAX_SIDE)
+    lo, hi = MARGIN + side / 2, 1 - MARGIN - side / 2
+    return Scene(s, c, b, float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)), float(side))
+
+
+def caption_for(scene: Scene, rng: np.random.Generator, generic_p: float = 0.2, main_template_p: float = 0.5) -> str:
+    """A caption from the templates; the shape word becomes "shape" with probability ``generic_p``."""
+    shape = GENERIC_SHAPE_WORD if rng.random() < generic_p else scene.shape
+    template = MAIN_TEMPLATE if rng.random() < main_template_p else imagenet_templates_small[rng.integers(len(imagenet_templates_small))]
+    return template.format(describe(shape, scene.colour, scene.background))
+
+
+def to_model_range(pixels: np.ndarray) -> np.ndarray:
+    """uint8 HWC -> float32 HWC in [-1, 1]."""
+    return (pixels / 127.5 - 1.0).astype(np.float32)
+
+
+class ShapesDataset(Dataset):
+    """Training data of the shapes model: ``{"image": float32 HWC in [-1, 1], "caption": str}``.
+
+    ``length`` items, item ``i`` drawn from ``(seed, i)`` alone; a share ``caption_dropout`` of the captions is empty
+    (the unconditional prompt of classifier-free guidance). The held-out combinations are never rendered.
+    """
+
+    def __init__(self, size: int = 32, length: int = 1_000_000, seed: int = 0, caption_dropout: float = 0.1,
+                 generic_p: float = 0.2, main_template_p: float = 0.5, holdout: list | None = None) -> None:
+        self.size = size
+        self.length = length
+        self.seed = seed
+        self.caption_dropout = caption_dropout
+        self.generic_p = generic_p
+        self.main_template_p = main_template_p
+        self.holdout = HELD_OUT if holdout is None else frozenset(tuple(pair) for pair in holdout)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, i: int) -> tuple[Scene, np.random.Generator]:
+        """Item ``i``'s scene and the generator that then draws its caption."""
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} out of range for a dataset of {self.length} items")
+        rng = np.random.default_rng((self.seed, i))
+        return random_scene(rng, holdout=self.holdout), rng
+
+    def __getitem__(self, i: int) -> dict:
+        scene, rng = self.scene(i)
+        caption = "" if rng.random() < self.caption_dropout else caption_for(scene, rng, self.generic_p, self.main_template_p)
+        return {"image": to_model_range(render(scene, self.size)), "caption": caption}
+
+
+def write_concept(folder: str | os.PathLike, scenes: list[Scene], size: int = 32) -> list[Path]:
+    """Render ``scenes`` as ``00.png``, ``01.png``... into ``folder`` (created); returns the paths."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, scene in enumerate(scenes):
+        path = out / f"{k:02d}.png"
+        Image.fromarray(render(scene, size)).save(path)
+        paths.append(path)
+    logger.info("wrote %d images to %s", len(paths), out)
+    return paths
+
+
+def concept_scenes(name: str, n: int = 5, seed: int = 0) -> list[Scene]:
+    """The scenes of a shipped concept: ``"orange_cross"`` (on black/gray/white) or ``"pink_background"``."""
+    rng = np.random.default_rng((seed, len(name)))
+    if name == "orange_cross":
+        backs = ["black", "gray", "white"]
+        return [random_scene(rng, "cross", "orange", backs[k % len(backs)], holdout=frozenset()) for k in range(n)]
+    if name == "pink_background":
+        return [random_scene(rng, SHAPES[k % 4], list(COLOURS)[k % 5], UNNAMED_BACKGROUND) for k in range(n)]
+    raise ValueError(f"unknown concept {name!r}; choose orange_cross or pink_background")
+
+
+def write_concept_folders(root: str | os.PathLike, n: int = 5, size: int = 32, seed: int = 0) -> dict[str, list[Path]]:
+    """Write both shipped concepts under ``root`` (``root/orange_cross``, ``root/pink_background``)."""
+    return {name: write_concept(Path(root) / name, concept_scenes(name, n, seed), size)
+            for name in ("orange_cross", "pink_background")}
