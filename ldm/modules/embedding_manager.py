@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -178,32 +177,26 @@ class EmbeddingManager(nn.Module):
         atomic_torch_save(self.state_to_save(extra), ckpt_path)
 
     def load(self, ckpt_path: str | os.PathLike) -> None:
-        """Replace the placeholders and vectors by those of an embedding file (checked for width)."""
-        tokens, params = read_embedding_file(ckpt_path)
-        for placeholder, vec in params.items():
-            if vec.shape[-1] != self.token_dim:
-                family = "SD v1 (CLIP, 768)" if vec.shape[-1] == 768 else ("LDM (BERT, 1280)" if vec.shape[-1] == 1280 else f"width {vec.shape[-1]}")
-                raise EmbeddingFileError(
-                    f"embedding file '{ckpt_path}' holds {family} vectors for '{placeholder}', but this model's text encoder "
-                    f"uses width {self.token_dim}; use an embedding trained for this model family"
-                )
+        """Replace the placeholders and vectors by those of an embedding file in any supported format.
+
+        The width must match this model's text encoder. Each placeholder gets the token id this model's tokenizer
+        gives it (see :func:`ldm.modules.embedding_formats.resolve_token_id`); any number of vectors per placeholder
+        works.
+        """
+        from ldm.modules.embedding_formats import Vocabulary, check_width, resolve_token_id
+
+        loaded = read_embedding_file(ckpt_path)
+        check_width(loaded, self.token_dim)
+        vocab = Vocabulary.of_embedder(self.embedder[0])
+        tokens = {p: torch.tensor(resolve_token_id(vocab, p, loaded.token_ids.get(p), ckpt_path)) for p in loaded.vectors}
         self.string_to_token_dict = tokens
-        self.string_to_param_dict = nn.ParameterDict({s: nn.Parameter(v.reshape(-1, self.token_dim).float()) for s, v in params.items()})
+        self.string_to_param_dict = nn.ParameterDict(
+            {s: nn.Parameter(v.reshape(-1, self.token_dim).float()) for s, v in loaded.vectors.items()}
+        )
 
 
-def read_embedding_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(string_to_token, string_to_param) of an original-format file, read without executing pickled code."""
-    if not os.path.isfile(path):
-        raise EmbeddingFileError(f"embedding file '{path}' does not exist; pass an embeddings .pt written by main.py")
-    try:
-        with torch.serialization.safe_globals([nn.ParameterDict, nn.Parameter, OrderedDict, set]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure means: not a file we can read safely
-        raise EmbeddingFileError(f"'{path}' is not a readable embedding file ({type(err).__name__}); pass an embeddings .pt") from err
-    if not (isinstance(obj, dict) and "string_to_token" in obj and "string_to_param" in obj):
-        raise EmbeddingFileError(f"'{path}' is not an embedding file (no string_to_token/string_to_param); pass an embeddings .pt")
-    tokens = {str(s): torch.as_tensor(t).long().reshape(()) for s, t in dict(obj["string_to_token"]).items()}
-    params = {str(s): torch.as_tensor(p.detach() if isinstance(p, torch.Tensor) else p) for s, p in dict(obj["string_to_param"]).items()}
-    if set(tokens) != set(params):
-        raise EmbeddingFileError(f"'{path}' has placeholders without vectors (or the reverse); the file is damaged")
-    return tokens, params
+def read_embedding_file(path: str | os.PathLike) -> Any:
+    """The :class:`~ldm.modules.embedding_formats.LoadedEmbeddings` of any supported embedding file (no pickled code runs)."""
+    from ldm.modules.embedding_formats import read_embeddings
+
+    return read_embeddings(path)

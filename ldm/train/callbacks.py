@@ -106,6 +106,8 @@ class EmbeddingRescue(pl.Callback):
         self.ckptdir = Path(ckptdir)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1 and getattr(pl_module, "embedding_manager", None) is not None:
+            check_ranks_agree(pl_module)
         trainer.save_checkpoint(self.ckptdir / "last.ckpt", weights_only=False)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -115,6 +117,16 @@ class EmbeddingRescue(pl.Callback):
         if pl_module.embeddings_are_finite():
             pl_module.save_embeddings(self.ckptdir, step)
             logger.warning("run stopped (%s): embedding of step %d saved to %s", type(exception).__name__, step, self.ckptdir / "embeddings.pt")
+
+
+def check_ranks_agree(pl_module: pl.LightningModule) -> None:
+    """DDP sanity check: every rank must end with the same vectors (a collective call: all ranks run it)."""
+    vec = torch.cat([p.detach().flatten() for p in pl_module.embedding_manager.embedding_parameters()])
+    gathered = pl_module.all_gather(vec)
+    if bool((gathered == gathered[0]).all()):
+        logger.info("all %d ranks hold the same embedding", gathered.shape[0])
+    else:
+        logger.warning("the ranks hold different embeddings (max difference %.3g); rank 0's is saved", float((gathered - gathered[0]).abs().max()))
 
 
 class LossCurve(pl.Callback):

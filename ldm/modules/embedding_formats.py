@@ -1,0 +1,414 @@
+"""The project's one reader and writer of textual-inversion embedding files, in every layout the common tools use.
+
+Read (all pickles through ``torch.load(weights_only=True)`` with only the few container classes the original format
+needs, so no code in a file ever runs; or through safetensors):
+
+* ``original``: ``{"string_to_token": {p: id}, "string_to_param": {p: [K, D]}}`` as written by rinongal's
+  EmbeddingManager (also pickled as an ``nn.ParameterDict``, also saved on CUDA), plus any extra keys;
+* ``a1111``: the same two keys with ``name``/``step``/``sd_checkpoint``/``sd_checkpoint_name`` (AUTOMATIC1111);
+* ``diffusers``: ``{token: [K, D]}`` (``learned_embeds.safetensors``/``.bin``; the legacy 1-D ``[D]`` form too);
+* ``kohya``: ``{"emb_params": [K, D]}`` (``.pt`` or ``.safetensors``);
+* ``.safetensors`` of each: the two-key layouts flattened as ``string_to_param.<p>`` / ``string_to_token.<p>``.
+
+Everything comes back as a :class:`LoadedEmbeddings`. Written: the original ``.pt`` (default), the A1111 ``.pt`` and
+the diffusers ``.safetensors`` (``.bin`` on request), always atomically. Our diffusers files carry the placeholder
+and its token id in the safetensors metadata (``ti.placeholder``/``ti.token_id``; diffusers ignores them), so a
+round trip original -> A1111 -> diffusers -> original gives back the same placeholders, ids and bit-identical vectors.
+A file that is none of these raises :class:`EmbeddingFileError` with one line naming the file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ldm.checkpoint import atomic_torch_save
+from ldm.modules.embedding_manager import SUGGESTED_PLACEHOLDERS, EmbeddingFileError, PlaceholderError
+from ldm.provenance import metadata_to_record, record_to_metadata
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL, A1111, DIFFUSERS, KOHYA = "original", "a1111", "diffusers", "kohya"
+WRITABLE_FORMATS = (ORIGINAL, A1111, DIFFUSERS)
+A1111_KEYS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
+KOHYA_PLACEHOLDER = "*"
+
+FAMILIES = {
+    768: "SD v1 (CLIP ViT-L/14, width 768)",
+    1024: "SD v2 (OpenCLIP ViT-H/14, width 1024)",
+    1280: "LDM-1.4B (BERT-style encoder, width 1280)",
+}
+_SAFE_GLOBALS = [nn.ParameterDict, nn.Parameter, OrderedDict, set]
+_XTI_KEYS = {"IN01", "MID", "OUT11"}
+
+
+def family_for_width(width: int) -> str:
+    """The model family whose text encoder has token embeddings of ``width`` (a guess: width is all a file tells)."""
+    return FAMILIES.get(int(width), f"an unknown model family (width {int(width)})")
+
+
+@dataclass
+class LoadedEmbeddings:
+    """The placeholders of one embedding file, whatever its layout.
+
+    ``vectors`` maps each placeholder to its ``[K, D]`` tensor (dtype as stored); ``token_ids`` holds the token id the
+    file gives for a placeholder, where it gives one; ``metadata`` the file's other entries (A1111 fields, the
+    provenance record, safetensors metadata).
+    """
+
+    path: Path
+    format: str
+    vectors: dict[str, torch.Tensor]
+    token_ids: dict[str, int] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return int(next(iter(self.vectors.values())).shape[-1])
+
+    @property
+    def family(self) -> str:
+        return family_for_width(self.width)
+
+    def only(self, placeholder: str | None = None) -> tuple[str, torch.Tensor]:
+        """The one placeholder a single-placeholder format can hold (``placeholder`` picks one of several)."""
+        if placeholder is None:
+            if len(self.vectors) != 1:
+                raise EmbeddingFileError(
+                    f"'{self.path}' holds {len(self.vectors)} placeholders ({', '.join(self.vectors)}); this format holds "
+                    "one: pick it with --placeholder"
+                )
+            placeholder = next(iter(self.vectors))
+        if placeholder not in self.vectors:
+            raise EmbeddingFileError(f"'{self.path}' has no placeholder '{placeholder}' (it has {', '.join(self.vectors)})")
+        return placeholder, self.vectors[placeholder]
+
+
+def check_width(loaded: LoadedEmbeddings, model_width: int, model_name: str = "this model") -> None:
+    """A one-line :class:`EmbeddingFileError` naming both families when the file does not fit ``model_width``."""
+    if loaded.width != int(model_width):
+        raise EmbeddingFileError(
+            f"embedding file '{loaded.path}' holds {loaded.family} vectors, but {model_name}'s text encoder is "
+            f"{family_for_width(model_width)}; use an embedding trained for this model family"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------ read
+def read_embeddings(path: str | os.PathLike) -> LoadedEmbeddings:
+    """Read any supported embedding file (see the module docstring) without executing pickled code."""
+    p = Path(path)
+    if not p.is_file():
+        what = "is a folder, not a file" if p.is_dir() else "does not exist"
+        raise EmbeddingFileError(f"embedding file '{p}' {what}; pass an embedding file (.pt, .bin or .safetensors)")
+    if _looks_like_safetensors(p):
+        loaded = _read_safetensors(p)
+    else:
+        loaded = _from_pickled(p, _torch_load(p))
+    widths = {int(v.shape[-1]) for v in loaded.vectors.values()}
+    if len(widths) != 1:
+        raise EmbeddingFileError(f"'{p}' mixes vector widths {sorted(widths)}; the file is damaged")
+    return loaded
+
+
+def _looks_like_safetensors(p: Path) -> bool:
+    with open(p, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < header_len <= p.stat().st_size - 8
+
+
+def _torch_load(p: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()
+        reason = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), type(err).__name__)
+        raise EmbeddingFileError(
+            f"'{p}' was refused by the safe reader ({reason[:160]}): it needs Python code to load, which is never run; "
+            "pass an embedding file holding tensors only"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as err:
+        raise EmbeddingFileError(
+            f"'{p}' is not a readable embedding file ({type(err).__name__}); pass a .pt, .bin or .safetensors embedding"
+        ) from err
+
+
+def _plain_params(container: Any) -> dict[str, torch.Tensor]:
+    """``{placeholder: tensor}`` of a dict or an ``nn.ParameterDict`` (also one pickled by torch 1.x)."""
+    if isinstance(container, nn.Module):
+        container = container.__dict__.get("_parameters", {})
+    return {str(k): v.detach() for k, v in dict(container).items() if isinstance(v, torch.Tensor)}
+
+
+def _as_id(value: Any) -> int | None:
+    try:
+        return int(torch.as_tensor(value).reshape(()))
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _two_key(p: Path, params: dict[str, torch.Tensor], tokens: Mapping[str, Any], extra: dict[str, Any]) -> LoadedEmbeddings:
+    if not params:
+        raise EmbeddingFileError(f"'{p}' has an empty string_to_param; the file holds no vectors")
+    token_ids = {s: i for s, i in ((str(s), _as_id(t)) for s, t in tokens.items()) if i is not None and s in params}
+    fmt = A1111 if any(key in extra for key in ("name", "sd_checkpoint", "sd_checkpoint_name")) else ORIGINAL
+    vectors = {s: v if v.dim() == 2 else v.reshape(-1, v.shape[-1]) for s, v in params.items()}
+    return LoadedEmbeddings(p, fmt, vectors, token_ids, extra)
+
+
+def _tensor_dict(p: Path, obj: Mapping[str, Any], metadata: dict[str, Any]) -> LoadedEmbeddings:
+    """Layouts with one tensor per key: kohya ``emb_params`` or diffusers ``{token: [K, D] or [D]}``."""
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if "clip_l" in tensors and "clip_g" in tensors:
+        raise EmbeddingFileError(f"'{p}' is an SDXL embedding (clip_l + clip_g); this project runs LDM-1.4B and SD v1 models")
+    if _XTI_KEYS <= set(tensors):
+        raise EmbeddingFileError(f"'{p}' is a kohya XTI (per-UNet-layer) embedding, which LDM/SD v1 prompts cannot use")
+    if not tensors or len(tensors) != len(obj) or any(v.dim() not in (1, 2) for v in tensors.values()):
+        raise EmbeddingFileError(
+            f"'{p}' holds none of the known embedding layouts (original/A1111 string_to_param, diffusers "
+            "{token: tensor}, kohya emb_params)"
+        )
+    if set(tensors) == {"emb_params"}:
+        return LoadedEmbeddings(p, KOHYA, {KOHYA_PLACEHOLDER: tensors["emb_params"].reshape(-1, tensors["emb_params"].shape[-1])}, {}, metadata)
+    vectors = {k: v.reshape(1, -1) if v.dim() == 1 else v for k, v in tensors.items()}
+    if any(v.dim() == 1 for v in tensors.values()):
+        metadata = {**metadata, "layout": "legacy 1-D"}
+    token_ids: dict[str, int] = {}
+    placeholder, token_id = metadata.pop("ti.placeholder", None), metadata.pop("ti.token_id", None)
+    if placeholder and len(vectors) == 1:  # our own diffusers export: restore the original placeholder and id
+        token = next(iter(vectors))
+        metadata.setdefault("name", token)
+        vectors = {placeholder: vectors[token]}
+        if token_id is not None and str(token_id).lstrip("-").isdigit():
+            token_ids[placeholder] = int(token_id)
+    return LoadedEmbeddings(p, DIFFUSERS, vectors, token_ids, metadata)
+
+
+def _from_pickled(p: Path, obj: Any) -> LoadedEmbeddings:
+    if isinstance(obj, torch.Tensor) and obj.dim() in (1, 2):
+        return LoadedEmbeddings(p, DIFFUSERS, {KOHYA_PLACEHOLDER: obj.reshape(-1, obj.shape[-1])}, {}, {"layout": "bare tensor"})
+    if not isinstance(obj, Mapping):
+        raise EmbeddingFileError(f"'{p}' holds a {type(obj).__name__}, not an embedding dict; pass an embedding file")
+    if "string_to_param" in obj:
+        extra = {str(k): v for k, v in obj.items() if k not in ("string_to_param", "string_to_token")}
+        tokens = obj.get("string_to_token") or {}
+        return _two_key(p, _plain_params(obj["string_to_param"]), dict(tokens), extra)
+    return _tensor_dict(p, obj, {})
+
+
+def _read_safetensors(p: Path) -> LoadedEmbeddings:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as handle:
+            raw_meta = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise EmbeddingFileError(f"'{p}' is not a readable safetensors file ({' '.join(str(err).split())[:160]})") from err
+    if raw_meta.get("format") == "pt":  # diffusers' container marker, not a property of the embedding
+        del raw_meta["format"]
+    metadata = metadata_to_record(raw_meta)
+    params = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("string_to_param.")}
+    if params:
+        tokens = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("string_to_token.")}
+        return _two_key(p, params, tokens, metadata)
+    return _tensor_dict(p, tensors, metadata)
+
+
+# ----------------------------------------------------------------------------------------------------------- write
+def _vector(v: torch.Tensor) -> torch.Tensor:
+    return v.detach().to("cpu").clone().contiguous()
+
+
+def _pt_extras(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Metadata entries that can go into a ``.pt`` as plain values (the safe reader must read them back)."""
+    keep = (str, int, float, bool, type(None), dict, list)
+    return {k: v for k, v in metadata.items() if isinstance(v, keep) and not k.startswith("ti.") and k != "layout"}
+
+
+def save_original(
+    path: str | os.PathLike,
+    vectors: Mapping[str, torch.Tensor],
+    token_ids: Mapping[str, int],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """The original two-key ``.pt`` (plain tensors, so safe loaders read it) plus ``extra`` keys."""
+    missing = [p for p in vectors if p not in token_ids]
+    if missing:
+        raise PlaceholderError(f"no token id for placeholder(s) {', '.join(missing)}; the original format needs one")
+    payload: dict[str, Any] = {
+        "string_to_token": {p: torch.tensor(int(token_ids[p])) for p in vectors},
+        "string_to_param": {p: _vector(v) for p, v in vectors.items()},
+    }
+    payload.update(_pt_extras(extra or {}))
+    atomic_torch_save(payload, path)
+    return Path(path)
+
+
+def save_a1111(
+    path: str | os.PathLike,
+    placeholder: str,
+    vector: torch.Tensor,
+    token_id: int,
+    *,
+    name: str,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """AUTOMATIC1111's ``.pt``: one placeholder, ``name`` (the prompt word there), step and model fields."""
+    meta = dict(metadata or {})
+    payload: dict[str, Any] = {
+        "string_to_token": {placeholder: int(token_id)},
+        "string_to_param": {placeholder: _vector(vector)},
+        "name": name,
+        "step": meta.get("step"),
+        "sd_checkpoint": meta.get("sd_checkpoint"),
+        "sd_checkpoint_name": meta.get("sd_checkpoint_name"),
+    }
+    payload.update({k: v for k, v in _pt_extras(meta).items() if k not in payload})
+    atomic_torch_save(payload, path)
+    return Path(path)
+
+
+def save_diffusers(
+    path: str | os.PathLike,
+    token: str,
+    vector: torch.Tensor,
+    *,
+    placeholder: str | None = None,
+    token_id: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """diffusers' ``{token: [K, D]}``: ``.safetensors`` (metadata ``format: pt`` + ours) or, for ``.bin``, a ``.pt``."""
+    p = Path(path)
+    tensors = {token: _vector(vector)}
+    if p.suffix.lower() != ".safetensors":
+        atomic_torch_save(tensors, p)
+        return p
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt"}
+    if placeholder is not None:
+        meta["ti.placeholder"] = placeholder
+    if token_id is not None:
+        meta["ti.token_id"] = str(int(token_id))
+    extra = {k: v for k, v in (metadata or {}).items() if k not in meta and k != "layout" and not k.startswith("ti.")}
+    meta.update(record_to_metadata(_pt_extras(extra)))
+    _atomic(p, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return p
+
+
+def _atomic(target: Path, write: Callable[[Path], None]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def format_for_path(path: str | os.PathLike) -> str:
+    """The format a file name asks for: ``.safetensors``/``.bin`` -> diffusers, anything else -> original."""
+    return DIFFUSERS if Path(path).suffix.lower() in (".safetensors", ".bin") else ORIGINAL
+
+
+def write_embeddings(
+    loaded: LoadedEmbeddings,
+    path: str | os.PathLike,
+    fmt: str | None = None,
+    *,
+    placeholder: str | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write ``loaded`` in ``fmt`` (default: from the suffix). A1111/diffusers hold one placeholder (``placeholder``).
+
+    ``name`` is the A1111 name (default: the file's name, else the output stem) or the diffusers token (default:
+    ``<name>`` built the same way). Token ids must be known for the two-key formats (see :func:`fill_token_ids`).
+    """
+    fmt = fmt or format_for_path(path)
+    if fmt == ORIGINAL:
+        return save_original(path, loaded.vectors, loaded.token_ids, loaded.metadata)
+    chosen, vector = loaded.only(placeholder)
+    label = name or str(loaded.metadata.get("name") or Path(path).stem)
+    if fmt == A1111:
+        if chosen not in loaded.token_ids:
+            raise PlaceholderError(f"no token id for placeholder '{chosen}'; the A1111 format needs one")
+        return save_a1111(path, chosen, vector, loaded.token_ids[chosen], name=label, metadata=loaded.metadata)
+    if fmt == DIFFUSERS:
+        token = name or (label if label.startswith("<") else f"<{label}>")
+        meta = {k: v for k, v in loaded.metadata.items() if k != "name"}
+        return save_diffusers(path, token, vector, placeholder=chosen, token_id=loaded.token_ids.get(chosen), metadata=meta)
+    raise ValueError(f"cannot write format '{fmt}'; choose one of {', '.join(WRITABLE_FORMATS)}")
+
+
+# ------------------------------------------------------------------------------------------------ token resolution
+@dataclass(frozen=True)
+class Vocabulary:
+    """What placeholder handling needs of a tokenizer: content ids of a string, id -> token, vocabulary size."""
+
+    content_ids: Callable[[str], list[int]]
+    token: Callable[[int], str]
+    size: int
+
+    @classmethod
+    def of_embedder(cls, embedder: Any) -> Vocabulary:
+        return cls(embedder.content_token_ids, lambda i: embedder.decode_ids([i])[0], int(embedder.token_embedding.num_embeddings))
+
+    @classmethod
+    def of_tokenizer(cls, loaded: Any) -> Vocabulary:
+        """From a :class:`ldm.modules.encoders.tokenizers.LoadedTokenizer`."""
+        return cls(loaded.content_ids, lambda i: loaded.tokens([i])[0], len(loaded.tokenizer))
+
+    def single_token(self, string: str) -> int | None:
+        ids = self.content_ids(string)
+        return ids[0] if len(ids) == 1 else None
+
+    def alternatives(self, taken: set[str] = frozenset()) -> list[str]:
+        return [s for s in SUGGESTED_PLACEHOLDERS if s not in taken and self.single_token(s) is not None]
+
+
+def resolve_token_id(vocab: Vocabulary, placeholder: str, file_id: int | None, source: str | os.PathLike) -> int:
+    """The token id a placeholder from ``source`` gets under ``vocab``.
+
+    A single-token placeholder gets the tokenizer's id (a warning if the file said otherwise). Otherwise the file's id
+    is kept when it lies in the vocabulary (a warning names the token that triggers it); else :class:`PlaceholderError`.
+    """
+    model_id = vocab.single_token(placeholder)
+    if model_id is not None:
+        if file_id is not None and file_id != model_id:
+            logger.warning(
+                "'%s': placeholder '%s' has token id %d in the file but %d in this model's tokenizer; using %d",
+                source, placeholder, file_id, model_id, model_id,
+            )
+        return model_id
+    if file_id is not None and 0 <= file_id < vocab.size:
+        logger.warning(
+            "'%s': placeholder '%s' is not one token of this model's tokenizer; keeping the file's token id %d, so "
+            "prompts trigger it with '%s'", source, placeholder, file_id, vocab.token(file_id),
+        )
+        return file_id
+    hint = ", ".join(f"'{s}'" for s in vocab.alternatives()[:5])
+    raise PlaceholderError(
+        f"'{source}': placeholder '{placeholder}' is not one token of this model's tokenizer and the file gives no usable "
+        f"token id; rename it to a single-token string such as {hint} "
+        f"(scripts/embedding_tool.py convert --rename '{placeholder}=*')"
+    )
+
+
+def fill_token_ids(loaded: LoadedEmbeddings, vocab: Vocabulary) -> LoadedEmbeddings:
+    """``loaded`` with every placeholder's token id resolved under ``vocab`` (see :func:`resolve_token_id`)."""
+    ids = {p: resolve_token_id(vocab, p, loaded.token_ids.get(p), loaded.path) for p in loaded.vectors}
+    return LoadedEmbeddings(loaded.path, loaded.format, dict(loaded.vectors), ids, dict(loaded.metadata))

@@ -1,0 +1,166 @@
+"""The real ``main.py`` in subprocesses on tiny random-weight LDM and SD models (CPU, a few steps)."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from tiny_models import TINY_CONFIGS, make_concept_folder, make_tiny_checkpoint
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("main")
+    return {
+        "root": root,
+        "ldm": make_tiny_checkpoint("ldm", root / "ldm.ckpt"),
+        "sd": make_tiny_checkpoint("sd", root / "sd.ckpt"),
+        "data": make_concept_folder(root / "cat_toy"),
+    }
+
+
+def run_main(ws, *args, family="ldm", check=True, timeout=240):
+    cmd = [sys.executable, str(REPO / "main.py"), "--base", str(TINY_CONFIGS[family]), "-t", "--actual_resume", str(ws[family]),
+           "-n", "run", "--data_root", str(ws["data"]), "-l", str(ws["root"] / "logs"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def newest_run(ws):
+    return max((ws["root"] / "logs").iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def read_embedding(path):
+    emb = torch.load(path, weights_only=True)
+    assert set(emb) >= {"string_to_token", "string_to_param"}
+    return emb
+
+
+@pytest.mark.parametrize("family,width", [("ldm", 32), ("sd", 32)])
+def test_inversion_writes_the_original_files(workspace, family, width):
+    proc = run_main(workspace, "--init_word", "dog", "lightning.trainer.log_every_n_steps=1", family=family)
+    assert "Setting learning rate to 1.00e-02 = 1 (accumulate_grad_batches) * 1 (num_gpus) * 2 (batchsize) * 5.00e-03 (base_lr)" in proc.stderr + proc.stdout
+    run = newest_run(workspace)
+    assert run.name.startswith("cat_toy") and run.name.endswith("_run")
+    ckpt = run / "checkpoints"
+    names = {p.name for p in ckpt.iterdir()}
+    # every 4 steps and at the end of 6 steps, numbered as the original (step index of the last batch)
+    assert {"embeddings.pt", "embeddings_gs-3.pt", "embeddings_gs-5.pt", "last.ckpt"} <= names
+    assert not [n for n in names if n.startswith(".")], "a temporary file was left behind"
+    emb = read_embedding(ckpt / "embeddings.pt")
+    assert list(emb["string_to_param"]) == ["*"] and emb["string_to_param"]["*"].shape == (1, width)
+    assert len(list((run / "configs").glob("*-project.yaml"))) == 1 and len(list((run / "configs").glob("*-lightning.yaml"))) == 1
+    keys = {p.name.split("_gs-")[0] for p in (run / "images" / "train").glob("*.jpg")}
+    assert keys == {"inputs", "reconstruction", "conditioning", "samples", "samples_scaled"}
+    rows = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
+    losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    last = torch.load(ckpt / "last.ckpt", weights_only=True)
+    assert set(last["state_dict"]) <= {"embedding_manager.string_to_param_dict.*", "embedding_manager.initial_embeddings.*"}
+    assert (ckpt / "last.ckpt").stat().st_size < 100_000
+    assert (run / "loss.png").exists()
+
+
+def test_placeholder_string_reaches_the_captions(workspace):
+    run_main(workspace, "--placeholder_string", "@", "--init_word", "dog", "--max_steps", "2")
+    run = newest_run(workspace)
+    emb = read_embedding(run / "checkpoints" / "embeddings.pt")
+    assert list(emb["string_to_param"]) == ["@"]
+    project = next((run / "configs").glob("*-project.yaml")).read_text()
+    assert "placeholder_token: '@'" in project
+
+
+def test_resume_after_kill_continues_the_run(workspace):
+    cmd = [sys.executable, str(REPO / "main.py"), "--base", str(TINY_CONFIGS["ldm"]), "-t", "--actual_resume", str(workspace["ldm"]),
+           "-n", "resume", "--data_root", str(workspace["data"]), "-l", str(workspace["root"] / "logs_resume"), "--max_steps", "400",
+           "lightning.callbacks.image_logger.params.batch_frequency=1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    last = None
+    while time.time() < deadline:
+        found = list((workspace["root"] / "logs_resume").glob("*/checkpoints/embeddings_gs-7.pt"))
+        if found:
+            last = found[0].parent / "last.ckpt"
+            break
+        time.sleep(0.2)
+    proc.kill()  # SIGKILL: no chance to save anything more
+    proc.wait()
+    assert last is not None and last.exists()
+    before = torch.load(last, weights_only=True)
+    run = last.parent.parent
+    done = subprocess.run([sys.executable, str(REPO / "main.py"), "-r", str(run), "-t", "--actual_resume", str(workspace["ldm"]),
+                           "--data_root", str(workspace["data"]), "--max_steps", "12"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert before["global_step"] >= 8 and after["global_step"] == 12
+    assert "exp_avg" in str(after["optimizer_states"][0]["state"][0].keys())
+    assert (run / "checkpoints" / "embeddings_gs-11.pt").exists()
+    assert not list(run.glob("checkpoints/.*"))
+
+
+def test_sigterm_saves_the_embedding(workspace):
+    logs = workspace["root"] / "logs_term"
+    cmd = [sys.executable, str(REPO / "main.py"), "--base", str(TINY_CONFIGS["ldm"]), "-t", "--actual_resume", str(workspace["ldm"]),
+           "-n", "term", "--data_root", str(workspace["data"]), "-l", str(logs), "--max_steps", "100000",
+           "lightning.modelcheckpoint.params.every_n_train_steps=100000", "lightning.callbacks.image_logger.params.batch_frequency=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(logs.glob("*/configs/*-project.yaml")):
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    emb = list(logs.glob("*/checkpoints/embeddings.pt"))
+    assert emb, out[-2000:]
+    read_embedding(emb[0])
+    assert "embedding of step" in out
+
+
+def test_only_the_embedding_changes(workspace, tmp_path):
+    """In process: train a few steps with the real Trainer and compare every weight before and after."""
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    config = OmegaConf.load(TINY_CONFIGS["ldm"])
+    config.model.params.ckpt_path = str(workspace["ldm"])
+    for split in ("train", "validation"):
+        config.data.params[split].params.data_root = str(workspace["data"])
+    model = instantiate_from_config(config.model)
+    model.learning_rate = 0.01
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(model, instantiate_from_config(config.data))
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == ["embedding_manager.string_to_param_dict.*"]
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("embedding_manager"))
+
+
+def test_ddp_two_processes_write_one_run(workspace):
+    logs = workspace["root"] / "logs_ddp"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "--base", str(TINY_CONFIGS["ldm"]), "-t", "--actual_resume", str(workspace["ldm"]),
+         "-n", "ddp", "--data_root", str(workspace["data"]), "-l", str(logs), "--max_steps", "4", "--accelerator", "cpu",
+         "--devices", "2", "--strategy", "ddp"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list(logs.iterdir())
+    assert len(runs) == 1
+    assert "ranks hold the same embedding" in proc.stderr + proc.stdout
+    assert "2 (num_gpus)" in proc.stderr + proc.stdout
+    read_embedding(runs[0] / "checkpoints" / "embeddings.pt")
