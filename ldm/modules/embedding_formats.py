@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 ORIGINAL, A1111, DIFFUSERS, KOHYA = "original", "a1111", "diffusers", "kohya"
 WRITABLE_FORMATS = (ORIGINAL, A1111, DIFFUSERS)
-A1111_KEYS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
 KOHYA_PLACEHOLDER = "*"
 
 FAMILIES = {
@@ -163,7 +162,7 @@ def _two_key(p: Path, params: dict[str, torch.Tensor], tokens: Mapping[str, Any]
     if not params:
         raise EmbeddingFileError(f"'{p}' has an empty string_to_param; the file holds no vectors")
     token_ids = {s: i for s, i in ((str(s), _as_id(t)) for s, t in tokens.items()) if i is not None and s in params}
-    fmt = A1111 if any(key in extra for key in ("name", "sd_checkpoint", "sd_checkpoint_name")) else ORIGINAL
+    fmt = A1111 if "name" in extra else ORIGINAL
     vectors = {s: v if v.dim() == 2 else v.reshape(-1, v.shape[-1]) for s, v in params.items()}
     return LoadedEmbeddings(p, fmt, vectors, token_ids, extra)
 
@@ -201,6 +200,8 @@ def _from_pickled(p: Path, obj: Any) -> LoadedEmbeddings:
         return LoadedEmbeddings(p, DIFFUSERS, {KOHYA_PLACEHOLDER: obj.reshape(-1, obj.shape[-1])}, {}, {"layout": "bare tensor"})
     if not isinstance(obj, Mapping):
         raise EmbeddingFileError(f"'{p}' holds a {type(obj).__name__}, not an embedding dict; pass an embedding file")
+    if "state_dict" in obj:
+        raise EmbeddingFileError(f"'{p}' is a model checkpoint, not an embedding file; pass it as the checkpoint (--ckpt)")
     if "string_to_param" in obj:
         extra = {str(k): v for k, v in obj.items() if k not in ("string_to_param", "string_to_token")}
         tokens = obj.get("string_to_token") or {}
@@ -252,7 +253,7 @@ def save_original(
         "string_to_token": {p: torch.tensor(int(token_ids[p])) for p in vectors},
         "string_to_param": {p: _vector(v) for p, v in vectors.items()},
     }
-    payload.update(_pt_extras(extra or {}))
+    payload.update({k: v for k, v in _pt_extras(extra or {}).items() if k != "name"})  # "name" marks A1111 files
     atomic_torch_save(payload, path)
     return Path(path)
 

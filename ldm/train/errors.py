@@ -8,6 +8,7 @@ from typing import Any
 
 from ldm.checkpoint import CheckpointError
 from ldm.data.images import DataRootError, ImageLoadError
+from ldm.models.diffusion.training import NonFiniteLossError
 from ldm.modules.embedding_manager import EmbeddingFileError, PlaceholderError
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ImageLoadError,
     EmbeddingFileError,
     PlaceholderError,
+    NonFiniteLossError,
 )
 
 

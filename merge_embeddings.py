@@ -1,0 +1,214 @@
+"""Merge several embedding files into one, so that their placeholders can be used together in one prompt.
+
+``python merge_embeddings.py --manager_ckpts A.pt B.pt ... --output_path M.pt [-sd]`` as the original: files are
+read in order (any format :mod:`ldm.modules.embedding_formats` reads); a placeholder already taken asks for a
+replacement when a person is at the terminal. For scripts: ``--rename OLD=NEW`` (used for the next clash of OLD;
+repeat it for several) or ``--rename FILE:OLD=NEW`` (renames OLD of that file, clash or not), and ``--auto_rename``
+(the first free single-token string of ``* @ & # $ % ^ ~ א ב ...``). Without an answer and without a terminal the
+merge stops with one line saying which flag to add.
+
+Differences from the original, all deliberate: replacements are checked against every placeholder already merged
+(by string and by token id), files of different widths (LDM 1280 vs SD 768) are refused naming both files, and no
+model is built: only the tokenizer (``-sd``: CLIP, else BERT), loaded offline. The output is the original two-key
+format (plus a ``merged_from`` key recording each placeholder's source file and its sha256).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ldm.data.personalized import per_img_token_list
+from ldm.modules.embedding_formats import Vocabulary, family_for_width, read_embeddings, resolve_token_id, save_original
+from ldm.modules.embedding_manager import SUGGESTED_PLACEHOLDERS, EmbeddingFileError, PlaceholderError
+from ldm.provenance import file_sha256
+from ldm.train.errors import ConfigError, run_cli
+
+logger = logging.getLogger(__name__)
+
+AUTO_CANDIDATES = tuple(SUGGESTED_PLACEHOLDERS) + tuple(per_img_token_list) + tuple("+=!?§£¥©®°±¶")
+SD_WIDTH, LDM_WIDTH = 768, 1280
+
+
+@dataclass(frozen=True)
+class Rename:
+    old: str
+    new: str
+    file: str | None = None
+
+    def matches_file(self, path: str) -> bool:
+        return self.file is not None and (self.file == path or Path(self.file).resolve() == Path(path).resolve())
+
+
+def parse_renames(values: Sequence[str], files: Sequence[str]) -> list[Rename]:
+    """``OLD=NEW`` or ``FILE:OLD=NEW`` (FILE one of ``files``, as given or by path)."""
+    renames = []
+    for value in values:
+        left, sep, new = value.rpartition("=")
+        if not sep or not left or not new:
+            raise ConfigError(f"--rename '{value}': write OLD=NEW or FILE:OLD=NEW")
+        file, colon, old = left.rpartition(":")
+        if colon and file and any(file == f or Path(file).resolve() == Path(f).resolve() for f in files):
+            renames.append(Rename(old, new, file))
+        else:
+            renames.append(Rename(left, new))
+    return renames
+
+
+class Merger:
+    """Collects placeholders file by file, resolving clashes by rename rules, automatically, or by asking."""
+
+    def __init__(
+        self,
+        vocab: Vocabulary,
+        renames: Sequence[Rename] = (),
+        auto_rename: bool = False,
+        ask: Callable[[str], str] | None = None,
+        sd: bool = False,
+    ) -> None:
+        self.vocab = vocab
+        self.qualified = [r for r in renames if r.file is not None]
+        self.pending = [r for r in renames if r.file is None]
+        self.auto_rename = auto_rename
+        self.ask = ask
+        self.sd = sd
+        self.vectors: dict[str, torch.Tensor] = {}
+        self.token_ids: dict[str, int] = {}
+        self.sources: dict[str, dict[str, str]] = {}
+        self.first: tuple[str, int] | None = None
+
+    def check_width(self, path: str, width: int) -> None:
+        if self.first is None:
+            if self.sd and width == LDM_WIDTH:
+                raise EmbeddingFileError(f"'{path}' holds {family_for_width(width)} vectors; merge them without -sd")
+            if not self.sd and width == SD_WIDTH:
+                raise EmbeddingFileError(f"'{path}' holds {family_for_width(width)} vectors; merge them with -sd")
+            self.first = (path, width)
+        elif width != self.first[1]:
+            raise EmbeddingFileError(
+                f"cannot merge '{path}' ({family_for_width(width)}) with '{self.first[0]}' ({family_for_width(self.first[1])}): "
+                "all files must come from one model family"
+            )
+
+    def add_file(self, path: str) -> None:
+        loaded = read_embeddings(path)
+        self.check_width(path, loaded.width)
+        digest = file_sha256(path)
+        for placeholder, vector in loaded.vectors.items():
+            name, token_id = self.place(path, placeholder, loaded.token_ids.get(placeholder))
+            self.vectors[name] = vector
+            self.token_ids[name] = token_id
+            self.sources[name] = {"file": str(path), "placeholder": placeholder, "sha256": digest}
+
+    def taken_by(self, name: str, token_id: int | None) -> str | None:
+        """The merged placeholder that ``name`` (or its token id) would collide with."""
+        if name in self.vectors:
+            return name
+        return next((p for p, i in self.token_ids.items() if token_id is not None and i == token_id), None)
+
+    def place(self, path: str, placeholder: str, file_id: int | None) -> tuple[str, int]:
+        """The (placeholder, token id) under which ``placeholder`` of ``path`` is merged."""
+        rule = next((r for r in self.qualified if r.matches_file(path) and r.old == placeholder), None)
+        if rule is not None:
+            return rule.new, self.check_replacement(rule.new, f"--rename {rule.file}:{rule.old}={rule.new}")
+        try:
+            token_id: int | None = resolve_token_id(self.vocab, placeholder, file_id, path)
+        except PlaceholderError:
+            token_id, problem = None, f"is not one token of the {'CLIP' if self.sd else 'BERT'} tokenizer"
+        else:
+            other = self.taken_by(placeholder, token_id)
+            if other is None:
+                return placeholder, token_id
+            problem = "was already used" if other == placeholder else f"has the token id of '{other}'"
+        return self.replacement(path, placeholder, problem)
+
+    def replacement(self, path: str, placeholder: str, problem: str) -> tuple[str, int]:
+        rule = next((r for r in self.pending if r.old == placeholder), None)
+        if rule is not None:
+            self.pending.remove(rule)
+            return rule.new, self.check_replacement(rule.new, f"--rename {rule.old}={rule.new}")
+        if self.auto_rename:
+            for candidate in AUTO_CANDIDATES:
+                token_id = self.vocab.single_token(candidate)
+                if token_id is not None and self.taken_by(candidate, token_id) is None:
+                    logger.warning("'%s': placeholder '%s' %s; merged as '%s'", path, placeholder, problem, candidate)
+                    return candidate, token_id
+            raise ConfigError(f"--auto_rename found no free single-token placeholder for '{placeholder}' of '{path}'; use --rename")
+        if self.ask is None:
+            raise ConfigError(
+                f"placeholder '{placeholder}' of '{path}' {problem} and stdin is not a terminal to ask for a replacement; "
+                f"pass --rename '{path}:{placeholder}=NEW' (or --rename '{placeholder}=NEW') or --auto_rename"
+            )
+        return self.ask_replacement(placeholder, problem)
+
+    def ask_replacement(self, placeholder: str, problem: str) -> tuple[str, int]:
+        """The original's interactive prompt, repeated until the answer is one free token."""
+        question = f"Placeholder string {placeholder} {problem}. Please enter a replacement string: "
+        while True:
+            answer = self.ask(question).strip()
+            token_id = self.vocab.single_token(answer) if answer else None
+            if token_id is None:
+                question = f"Placeholder string '{answer}' maps to more than a single token. Please enter another string: "
+            elif self.taken_by(answer, token_id) is not None:
+                question = f"Placeholder string '{answer}' is already taken (by '{self.taken_by(answer, token_id)}'). Please enter another string: "
+            else:
+                return answer, token_id
+
+    def check_replacement(self, name: str, flag: str) -> int:
+        token_id = self.vocab.single_token(name)
+        if token_id is None:
+            hint = ", ".join(f"'{s}'" for s in self.vocab.alternatives(set(self.vectors))[:5])
+            raise PlaceholderError(f"{flag}: '{name}' is not one token of the {'CLIP' if self.sd else 'BERT'} tokenizer; try {hint}")
+        other = self.taken_by(name, token_id)
+        if other is not None:
+            raise ConfigError(f"{flag}: '{name}' is already taken by merged placeholder '{other}'; choose another string")
+        return token_id
+
+
+def load_vocabulary(sd: bool) -> Vocabulary:
+    """The tokenizer of the model family (offline: HF cache or the shipped vocabularies), as a :class:`Vocabulary`."""
+    from ldm.modules.encoders.tokenizers import load_bert_tokenizer, load_clip_tokenizer
+
+    return Vocabulary.of_tokenizer(load_clip_tokenizer() if sd else load_bert_tokenizer())
+
+
+def merge(opt: argparse.Namespace) -> dict[str, str]:
+    ask = input if sys.stdin is not None and sys.stdin.isatty() else None
+    merger = Merger(load_vocabulary(opt.stable_diffusion), parse_renames(opt.rename, opt.manager_ckpts), opt.auto_rename, ask, opt.stable_diffusion)
+    for path in opt.manager_ckpts:
+        merger.add_file(path)
+    for rule in merger.pending:
+        logger.warning("--rename %s=%s was not needed: no later file clashed on '%s'", rule.old, rule.new, rule.old)
+    try:
+        save_original(opt.output_path, merger.vectors, merger.token_ids, {"merged_from": merger.sources})
+    except OSError as err:
+        raise ConfigError(f"--output_path: cannot write '{opt.output_path}' ({err.strerror or type(err).__name__})") from err
+    final = {name: source["file"] for name, source in merger.sources.items()}
+    print("Managers merged. Final list of placeholders: ")
+    print(final)
+    return final
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Merge textual-inversion embedding files into one.")
+    p.add_argument("--manager_ckpts", type=str, nargs="+", required=True, help="embedding files to merge, in order")
+    p.add_argument("--output_path", type=str, required=True, help="the merged file (original .pt format)")
+    p.add_argument("-sd", "--stable_diffusion", action="store_true", help="SD (CLIP tokenizer) embeddings instead of LDM (BERT)")
+    p.add_argument("--rename", action="append", default=[], metavar="[FILE:]OLD=NEW", help="replacement for a clashing placeholder")
+    p.add_argument("--auto_rename", action="store_true", help="replace clashing placeholders by the first free single-token string")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    opt = parse_args(argv)
+    run_cli(lambda: merge(opt))
+
+
+if __name__ == "__main__":
+    main()

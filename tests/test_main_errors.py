@@ -1,0 +1,111 @@
+"""Bad input to main.py: one line on stderr naming the file or flag, exit status 2, no traceback."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from tiny_models import TINY_CONFIGS, make_concept_folder, make_tiny_checkpoint
+
+ENV_KEYS = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    junk = root / "junk.ckpt"
+    junk.write_bytes(b"this is not a checkpoint" * 10)
+    wide = root / "wide.pt"
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": torch.randn(1, 768)}}, wide)
+    empty = root / "empty"
+    empty.mkdir()
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (broken / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    mixed = make_concept_folder(root / "mixed", n=2)
+    (mixed / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return {
+        "root": root, "ldm": make_tiny_checkpoint("ldm", root / "ldm.ckpt"), "sd": make_tiny_checkpoint("sd", root / "sd.ckpt"),
+        "data": make_concept_folder(root / "data"), "junk": junk, "wide": wide, "empty": empty, "broken": broken, "mixed": mixed,
+    }
+
+
+def main_py(ws, *args, base=None, ckpt=None, data=None):
+    import os
+
+    cmd = [sys.executable, str(REPO / "main.py"), "--base", str(base or TINY_CONFIGS["ldm"]), "-t", "--actual_resume", str(ckpt or ws["ldm"]),
+           "--data_root", str(data or ws["data"]), "-l", str(ws["root"] / "logs"), "--max_steps", "1", *args]
+    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV_KEYS}, capture_output=True, text=True, timeout=240)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    for needle in needles:
+        assert needle in last, last
+
+
+def test_missing_data_root(ws):
+    assert_one_line_error(main_py(ws, data=ws["root"] / "nope"), str(ws["root"] / "nope"), "--data_root")
+
+
+def test_empty_data_root(ws):
+    assert_one_line_error(main_py(ws, data=ws["empty"]), str(ws["empty"]))
+
+
+def test_data_root_without_a_readable_image(ws):
+    assert_one_line_error(main_py(ws, data=ws["broken"]), str(ws["broken"]))
+
+
+def test_corrupt_image_is_skipped_with_a_warning(ws):
+    proc = main_py(ws, data=ws["mixed"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "zz_bad.png" in proc.stderr
+
+
+def test_missing_checkpoint(ws):
+    assert_one_line_error(main_py(ws, ckpt=ws["root"] / "missing.ckpt"), "missing.ckpt", "does not exist")
+
+
+def test_checkpoint_that_is_not_one(ws):
+    assert_one_line_error(main_py(ws, ckpt=ws["junk"]), "junk.ckpt")
+
+
+def test_yaml_given_as_checkpoint(ws):
+    assert_one_line_error(main_py(ws, ckpt=TINY_CONFIGS["ldm"]), "config file, not a checkpoint")
+
+
+def test_checkpoint_of_the_wrong_family(ws):
+    assert_one_line_error(main_py(ws, ckpt=ws["sd"]), "sd.ckpt", "SD v1", "LDM")
+
+
+def test_multi_token_placeholder(ws):
+    assert_one_line_error(main_py(ws, "--placeholder_string", "zxqv"), "'zxqv'", "--placeholder_string")
+
+
+def test_embedding_of_the_wrong_width(ws):
+    assert_one_line_error(main_py(ws, "--embedding_manager_ckpt", str(ws["wide"])), "wide.pt", "768")
+
+
+def test_config_that_does_not_exist(ws):
+    assert_one_line_error(main_py(ws, base=ws["root"] / "nope.yaml"), "nope.yaml", "--base")
+
+
+def test_style_config_without_max_steps_asks_for_it(ws):
+    proc = main_py(ws, base=REPO / "configs/latent-diffusion/txt2img-1p4B-finetune_style.yaml")
+    assert proc.returncode == 0 or "max_steps" not in proc.stderr  # --max_steps 1 given: accepted
+    cmd_without = [a for a in proc.args if a not in ("--max_steps", "1")]
+    import os
+
+    proc = subprocess.run(cmd_without, cwd=REPO, env={**os.environ, **ENV_KEYS}, capture_output=True, text=True, timeout=240)
+    assert_one_line_error(proc, "--max_steps")
+
+
+def test_nan_loss_stops_and_keeps_the_embedding(ws):
+    proc = main_py(ws, "model.params.l_simple_weight=.nan", "--max_steps", "3")
+    assert_one_line_error(proc, "loss became nan")
+    assert list((ws["root"] / "logs").glob("*/checkpoints/embeddings.pt"))
