@@ -57,7 +57,7 @@ class CLIPEvaluator:
         from ldm.modules.encoders.tokenizers import load_clip_tokenizer
 
         self.device = torch.device(device)
-        self.model = load_clip_model(clip_model).to(self.device).eval()
+        self.model = load_clip_model(clip_model).float().to(self.device).eval()
         self.tokenizer = load_clip_tokenizer(str(clip_model))
         self.image_size = int(self.model.config.vision_config.image_size)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)

@@ -123,3 +123,30 @@ def test_ddim_stochastic_seeded(model, F):
     )
     close(sampler.ddim_sigmas, F["ddim.eta1.ddim_sigmas"], rtol=1e-5)
     close(samples, F["ddim.S5.eta1.scale3.seed31337.samples"], rtol=1e-3)
+
+
+def test_gradient_checkpointing_switch_keeps_the_placeholder_gradient(F):
+    """Checkpointing on (frozen weights) gives the same placeholder gradient as the original's reference."""
+    config = OmegaConf.load(FIXTURES / "ldm-tiny.yaml")
+    config.model.params.gradient_checkpointing = True
+    m = instantiate_from_config(config.model)
+    m.load_state_dict(load_state_dict(FIXTURES / "ldm-tiny.ckpt"), strict=False)
+    m.eval().requires_grad_(False)
+    vec = F["inputs.placeholder_vec"].clone().requires_grad_(True)
+    c_ph = m.cond_stage_model.encode(F["inputs.tokens"], embedding_manager=PlaceholderSwap(int(F["inputs.placeholder_id"]), vec))
+    loss, _ = m.p_losses(F["inputs.x_start"], c_ph, F["inputs.t"], noise=F["inputs.noise"])
+    (grad,) = torch.autograd.grad(loss, vec)
+    close(grad, F["p_losses.grad_placeholder_vec"])
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32(model, F):
+    vec = F["inputs.placeholder_vec"].clone().requires_grad_(True)
+    swap = PlaceholderSwap(int(F["inputs.placeholder_id"]), vec)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c_ph = model.cond_stage_model.encode(F["inputs.tokens"], embedding_manager=swap)
+        loss, _ = model.p_losses(F["inputs.x_start"], c_ph, F["inputs.t"], noise=F["inputs.noise"])
+    (grad,) = torch.autograd.grad(loss, vec)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert abs(loss.item() - F["p_losses.loss_placeholder"].item()) < 0.05 * F["p_losses.loss_placeholder"].item()
+    cos = torch.nn.functional.cosine_similarity(grad.float(), F["p_losses.grad_placeholder_vec"], dim=0)
+    assert cos > 0.9

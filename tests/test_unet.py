@@ -102,14 +102,14 @@ def _context_grad(unet: UNetModel, fixtures, checkpointing: bool) -> tuple[torch
         return original(*args, **kwargs)
 
     context = fixtures["cond.c"].clone().requires_grad_(True)
-    previous = util.set_checkpointing(checkpointing)
+    if checkpointing is not None:
+        assert util.set_gradient_checkpointing(unet, checkpointing) > 0
     torch.utils.checkpoint.checkpoint = counting
     try:
         out = unet(fixtures["q_sample.x_noisy"], fixtures["inputs.t"], context=context)
         ((out - fixtures["inputs.noise"]) ** 2).mean().backward()
     finally:
         torch.utils.checkpoint.checkpoint = original
-        util.set_checkpointing(previous)
     return context.grad, calls
 
 
@@ -125,8 +125,7 @@ def test_checkpointing_with_frozen_weights_gives_context_grad(fixtures) -> None:
     assert all(p.grad is None for p in unet.parameters())
 
 
-def test_module_flag_controls_checkpointing_when_no_override(fixtures) -> None:
-    assert util.checkpointing_override() is None
+def test_module_flag_controls_checkpointing(fixtures) -> None:
     _, calls_on = _context_grad(tiny_unet(), fixtures, checkpointing=None)
     _, calls_off = _context_grad(tiny_unet(use_checkpoint=False), fixtures, checkpointing=None)
     assert calls_on > 0 and calls_off == 0

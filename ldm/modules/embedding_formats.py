@@ -132,10 +132,12 @@ def _torch_load(p: Path) -> Any:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()
-        reason = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), type(err).__name__)
+        lines = [line.strip() for line in str(err).splitlines()]
+        refused = next((line for line in lines if "GLOBAL" in line), None)
+        if refused is None:
+            raise EmbeddingFileError(f"'{p}' is not a readable embedding file (not a PyTorch pickle); pass a .pt, .bin or .safetensors embedding") from err
         raise EmbeddingFileError(
-            f"'{p}' was refused by the safe reader ({reason[:160]}): it needs Python code to load, which is never run; "
+            f"'{p}' was refused by the safe reader ({refused[:160]}): it needs Python code to load, which is never run; "
             "pass an embedding file holding tensors only"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as err:

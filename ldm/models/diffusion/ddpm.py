@@ -25,7 +25,7 @@ from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
 from ldm.models.diffusion.image_logging import ImageLoggingMixin
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS, lvlb_weights, schedule_arrays
 from ldm.models.diffusion.training import DDPMTrainingMixin, InversionTrainingMixin
-from ldm.modules.diffusionmodules.util import extract_into_tensor
+from ldm.modules.diffusionmodules.util import extract_into_tensor, set_gradient_checkpointing
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import count_params, default, instantiate_from_config
@@ -279,7 +279,12 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
 
 
 class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
-    """Diffusion in the latent space of a frozen autoencoder, conditioned on text; hosts the EmbeddingManager."""
+    """Diffusion in the latent space of a frozen autoencoder, conditioned on text; hosts the EmbeddingManager.
+
+    Beyond the original's arguments: ``cache_latents`` (encode each training image and flip once; on by default) and
+    ``gradient_checkpointing`` (None: off while inverting, as the original effectively ran, else the UNet's
+    ``use_checkpoint``; True/False forces it; it works with every weight frozen).
+    """
 
     def __init__(
         self,
@@ -295,6 +300,7 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
         scale_factor: float = 1.0,
         scale_by_std: bool = False,
         cache_latents: bool = True,
+        gradient_checkpointing: bool | None = None,
         *args: Any,
         **kwargs: Any,
     ) -> None:
@@ -332,6 +338,10 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
         self.embedding_manager = None
         if personalization_config is not None:
             self.setup_personalization(personalization_config)
+        if gradient_checkpointing is None and self.inverting:
+            gradient_checkpointing = False  # what the original effectively ran with; fastest at inversion batch sizes
+        if gradient_checkpointing is not None:
+            set_gradient_checkpointing(self.model, gradient_checkpointing)
 
     def setup_personalization(self, personalization_config: Any) -> None:
         """Freeze the model (unless ``unfreeze_model``) and build the EmbeddingManager on the loaded text encoder."""

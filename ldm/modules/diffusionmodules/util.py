@@ -8,7 +8,7 @@ Checkpointing differs from the original on purpose: the original used a custom a
 ``torch.autograd.grad`` for the gradients of every module parameter, which fails when all weights are frozen and only
 an input needs a gradient (Textual Inversion: the text conditioning comes from one learned embedding). Here
 :func:`checkpoint` uses ``torch.utils.checkpoint`` (non-reentrant), which handles that case. A module-level switch
-(:func:`set_checkpointing`) lets a caller force checkpointing on or off for every module.
+(:func:`set_gradient_checkpointing`) turns it on or off in every block of a model.
 """
 from __future__ import annotations
 
@@ -25,9 +25,6 @@ from einops import repeat
 from torch import nn
 
 logger = logging.getLogger(__name__)
-
-_CHECKPOINT_OVERRIDE: bool | None = None
-
 
 def make_beta_schedule(
     schedule: str,
@@ -182,20 +179,19 @@ def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     return pools[dims](*args, **kwargs)
 
 
-def set_checkpointing(enabled: bool | None) -> bool | None:
-    """Force gradient checkpointing on (True) or off (False) everywhere, or let each module decide (None).
+def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> int:
+    """Turn activation checkpointing on or off in every block of ``model``; returns how many blocks it set.
 
-    Returns the previous setting so that a caller can restore it.
+    Blocks carry the flag as ``use_checkpoint`` (ResBlock, AttentionBlock, UNetModel) or ``checkpoint``
+    (BasicTransformerBlock), as in the original.
     """
-    global _CHECKPOINT_OVERRIDE
-    previous = _CHECKPOINT_OVERRIDE
-    _CHECKPOINT_OVERRIDE = enabled
-    return previous
-
-
-def checkpointing_override() -> bool | None:
-    """The current global setting of :func:`set_checkpointing`."""
-    return _CHECKPOINT_OVERRIDE
+    count = 0
+    for module in model.modules():
+        for attr in ("use_checkpoint", "checkpoint"):
+            if isinstance(getattr(module, attr, None), bool):
+                setattr(module, attr, enabled)
+                count += 1
+    return count
 
 
 def checkpoint(func: Callable[..., Any], inputs: Sequence[Any], params: Any, flag: bool) -> Any:
@@ -203,9 +199,7 @@ def checkpoint(func: Callable[..., Any], inputs: Sequence[Any], params: Any, fla
 
     ``params`` is accepted for signature compatibility with the original and not needed: non-reentrant
     ``torch.utils.checkpoint`` finds the parameters itself, and works when every one of them is frozen.
-    The global setting of :func:`set_checkpointing`, when not None, replaces ``flag``.
     """
-    enabled = flag if _CHECKPOINT_OVERRIDE is None else _CHECKPOINT_OVERRIDE
-    if enabled and torch.is_grad_enabled():
+    if flag and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)

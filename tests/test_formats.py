@@ -1,0 +1,260 @@
+"""Embedding files: every layout read safely, the writable ones written, round trips bit-identical, the diffusers
+client loading our export, malicious pickles refused without running, and the EmbeddingManager's token rules."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ldm.modules.embedding_formats import (
+    A1111,
+    DIFFUSERS,
+    KOHYA,
+    ORIGINAL,
+    LoadedEmbeddings,
+    check_width,
+    family_for_width,
+    read_embeddings,
+    save_original,
+    write_embeddings,
+)
+from ldm.modules.embedding_manager import EmbeddingFileError, EmbeddingManager, PlaceholderError
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLIP = REPO / "tests" / "fixtures" / "tiny-clip"
+STAR_CLIP = 265  # '*' in the CLIP vocabulary
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    torch.manual_seed(0)
+    return FrozenCLIPEmbedder(version=str(TINY_CLIP))
+
+
+@pytest.fixture
+def vectors():
+    torch.manual_seed(1)
+    return torch.randn(2, 32)
+
+
+class Evil:
+    """Unpickling calls ``open(marker, "w")``: the marker file proves the code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_original_round_trip_with_extra_keys(tmp_path, vectors):
+    path = save_original(tmp_path / "e.pt", {"*": vectors}, {"*": STAR_CLIP}, {"step": 499, "seed": 23})
+    loaded = read_embeddings(path)
+    assert loaded.format == ORIGINAL and loaded.token_ids == {"*": STAR_CLIP}
+    assert torch.equal(loaded.vectors["*"], vectors) and loaded.metadata == {"step": 499, "seed": 23}
+    raw = torch.load(path, weights_only=True)  # a plain safe load works too: no classes needed
+    assert set(raw) == {"string_to_token", "string_to_param", "step", "seed"}
+
+
+@pytest.mark.parametrize("old_torch", [False, True])
+def test_parameterdict_pickles_read(tmp_path, vectors, old_torch):
+    params = nn.ParameterDict({"*": nn.Parameter(vectors.clone())})
+    if old_torch:  # torch 1.x ParameterDicts kept their entries in _parameters only
+        params.__dict__.pop("_keys", None)
+    torch.save({"string_to_token": {"*": torch.tensor(STAR_CLIP)}, "string_to_param": params}, tmp_path / "p.pt")
+    loaded = read_embeddings(tmp_path / "p.pt")
+    assert torch.equal(loaded.vectors["*"], vectors) and loaded.token_ids == {"*": STAR_CLIP}
+
+
+def test_file_saved_on_cuda_reads_on_cpu(tmp_path, vectors):
+    src, dst = tmp_path / "cpu.pt", tmp_path / "cuda.pt"
+    torch.save({"string_to_token": {"*": torch.tensor(STAR_CLIP)}, "string_to_param": {"*": vectors}}, src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("data.pkl"):
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+                assert b"cuda:0" in data
+            zout.writestr(item, data)
+    assert torch.equal(read_embeddings(dst).vectors["*"], vectors)
+
+
+def test_a1111_file(tmp_path, vectors):
+    data = {"string_to_token": {"*": STAR_CLIP}, "string_to_param": {"*": vectors}, "name": "mycat", "step": 1500,
+            "sd_checkpoint": "7460a6fa", "sd_checkpoint_name": "sd-v1-4"}
+    torch.save(data, tmp_path / "mycat.pt")
+    loaded = read_embeddings(tmp_path / "mycat.pt")
+    assert loaded.format == A1111 and loaded.token_ids == {"*": STAR_CLIP} and torch.equal(loaded.vectors["*"], vectors)
+    assert loaded.metadata == {"name": "mycat", "step": 1500, "sd_checkpoint": "7460a6fa", "sd_checkpoint_name": "sd-v1-4"}
+
+
+def test_diffusers_files_as_diffusers_writes_them(tmp_path, vectors):
+    # examples/textual_inversion: save_file({token: [K, D]}, ..., metadata={"format": "pt"}); .bin = torch.save
+    save_file({"<cat-toy>": vectors}, str(tmp_path / "learned_embeds.safetensors"), metadata={"format": "pt"})
+    torch.save({"<cat-toy>": vectors[0]}, tmp_path / "learned_embeds.bin")  # legacy 1-D
+    new = read_embeddings(tmp_path / "learned_embeds.safetensors")
+    legacy = read_embeddings(tmp_path / "learned_embeds.bin")
+    assert new.format == legacy.format == DIFFUSERS and not new.token_ids and not new.metadata
+    assert torch.equal(new.vectors["<cat-toy>"], vectors) and torch.equal(legacy.vectors["<cat-toy>"], vectors[:1])
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_kohya_emb_params(tmp_path, vectors, suffix):
+    half = vectors.half()
+    path = tmp_path / f"concept{suffix}"
+    save_file({"emb_params": half}, str(path)) if suffix == ".safetensors" else torch.save({"emb_params": half}, path)
+    loaded = read_embeddings(path)
+    assert loaded.format == KOHYA and loaded.vectors["*"].dtype == torch.float16 and torch.equal(loaded.vectors["*"], half)
+
+
+def test_flattened_two_key_safetensors(tmp_path, vectors):
+    save_file({"string_to_param.*": vectors, "string_to_token.*": torch.tensor(STAR_CLIP)}, str(tmp_path / "o.safetensors"))
+    loaded = read_embeddings(tmp_path / "o.safetensors")
+    assert loaded.format == ORIGINAL and loaded.token_ids == {"*": STAR_CLIP} and torch.equal(loaded.vectors["*"], vectors)
+
+
+def test_round_trip_original_a1111_diffusers_original_is_bit_identical(tmp_path, vectors):
+    tool = load_script("embedding_tool")
+    src = save_original(tmp_path / "embeddings.pt", {"*": vectors}, {"*": STAR_CLIP}, {"step": 6099, "seed": 23})
+    tool.main(["convert", str(src), str(tmp_path / "a.pt"), "--to", "a1111", "--name", "mycat"])
+    tool.main(["convert", str(tmp_path / "a.pt"), str(tmp_path / "learned_embeds.safetensors")])
+    tool.main(["convert", str(tmp_path / "learned_embeds.safetensors"), str(tmp_path / "back.pt")])
+    assert read_embeddings(tmp_path / "a.pt").format == A1111
+    assert read_embeddings(tmp_path / "learned_embeds.safetensors").format == DIFFUSERS
+    first, last = torch.load(src, weights_only=True), torch.load(tmp_path / "back.pt", weights_only=True)
+    assert last["string_to_token"] == first["string_to_token"] and last["step"] == 6099 and last["seed"] == 23
+    for p, v in first["string_to_param"].items():
+        assert last["string_to_param"][p].dtype == v.dtype and torch.equal(last["string_to_param"][p], v)
+
+
+def test_diffusers_client_loads_our_exports(tmp_path, vectors):
+    """diffusers' own load_textual_inversion puts exactly our vectors into a transformers CLIP text encoder."""
+    pytest.importorskip("diffusers")
+    from diffusers.loaders import TextualInversionLoaderMixin
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ldm.modules.encoders.tokenizers import SHIPPED_CLIP_BPE, converted_clip_vocab
+
+    class Holder(TextualInversionLoaderMixin):
+        hf_device_map = None
+        components: dict = {}
+
+        def __init__(self):
+            self.tokenizer = CLIPTokenizer.from_pretrained(str(converted_clip_vocab(SHIPPED_CLIP_BPE)))
+            self.text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(TINY_CLIP / "config.json")))
+
+    loaded = LoadedEmbeddings(tmp_path / "e.pt", ORIGINAL, {"*": vectors}, {"*": STAR_CLIP}, {})
+    write_embeddings(loaded, tmp_path / "learned_embeds.safetensors", name="<cat-toy>")
+    write_embeddings(loaded, tmp_path / "a1111.pt", A1111, name="<a1111-cat>")
+    holder = Holder()
+    holder.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"))
+    holder.load_textual_inversion(str(tmp_path / "a1111.pt"))
+    table = holder.text_encoder.get_input_embeddings().weight
+    for token in ("<cat-toy>", "<a1111-cat>"):
+        ids = holder.tokenizer.convert_tokens_to_ids([token, f"{token}_1"])
+        assert torch.equal(table[ids].detach(), vectors)
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    live, marker = tmp_path / "live-marker", tmp_path / "marker"
+    torch.save({"string_to_param": Evil(live)}, tmp_path / "live.pt")
+    torch.save({"string_to_param": Evil(marker)}, tmp_path / "evil.pt")
+    torch.load(tmp_path / "live.pt", weights_only=False)  # the payload is real: an unsafe load runs it
+    assert live.exists()
+    with pytest.raises(EmbeddingFileError, match="refused by the safe reader") as err:
+        read_embeddings(tmp_path / "evil.pt")
+    assert "\n" not in str(err.value) and "evil.pt" in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ({"foo": "bar"}, "none of the known embedding layouts"),
+        ({"state_dict": {"w": torch.zeros(1)}}, "model checkpoint"),
+        ({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, "SDXL"),
+        (b"not a pickle at all", "not a readable embedding file"),
+    ],
+)
+def test_unknown_files_one_line_error_naming_the_file(tmp_path, content, match):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+    with pytest.raises(EmbeddingFileError, match=match) as err:
+        read_embeddings(path)
+    assert "bad.pt" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(EmbeddingFileError, match="does not exist"):
+        read_embeddings(tmp_path / "missing.pt")
+
+
+def test_width_check_names_both_families(tmp_path):
+    loaded = LoadedEmbeddings(tmp_path / "sd.pt", ORIGINAL, {"*": torch.zeros(1, 768)}, {"*": STAR_CLIP})
+    with pytest.raises(EmbeddingFileError, match=r"SD v1 .*768.*LDM-1.4B .*1280"):
+        check_width(loaded, 1280)
+    assert "unknown" in family_for_width(32)
+
+
+def manager_with(embedder, tmp_path, placeholder, vectors, token_id):
+    path = tmp_path / "e.safetensors"
+    meta = {"format": "pt"} if token_id is None else {"ti.placeholder": placeholder, "ti.token_id": str(token_id)}
+    save_file({"<x>" if token_id is not None else placeholder: vectors}, str(path), metadata=meta)
+    manager = EmbeddingManager(embedder, ["*"], ["sculpture"])
+    manager.load(path)
+    return manager
+
+
+def test_manager_uses_the_models_token_for_a_single_token_placeholder(embedder, tmp_path, vectors, caplog):
+    with caplog.at_level(logging.WARNING):
+        manager = manager_with(embedder, tmp_path, "*", vectors, 999)
+    assert int(manager.string_to_token_dict["*"]) == STAR_CLIP and "999" in caplog.text
+
+
+def test_manager_keeps_an_in_vocabulary_file_id_of_a_multi_token_placeholder(embedder, tmp_path, vectors, caplog):
+    with caplog.at_level(logging.WARNING):
+        manager = manager_with(embedder, tmp_path, "<cat-toy>", vectors, STAR_CLIP)
+    assert int(manager.string_to_token_dict["<cat-toy>"]) == STAR_CLIP and "'*</w>'" in caplog.text
+    with pytest.raises(PlaceholderError, match="convert --rename"):
+        manager_with(embedder, tmp_path, "<cat-toy>", vectors, None)
+
+
+def test_manager_wrong_width_and_more_vectors_than_configured(embedder, tmp_path):
+    with pytest.raises(EmbeddingFileError, match="width 768.*width 32"):
+        manager_with(embedder, tmp_path, "*", torch.zeros(1, 768), STAR_CLIP)
+    manager = manager_with(embedder, tmp_path, "*", torch.randn(3, 32), STAR_CLIP)  # config: 1 vector per token
+    tokens = embedder.tokenize(["a photo of *"])
+    out = embedder(tokens, embedding_manager=manager)
+    assert out.shape == (1, 77, 32) and torch.isfinite(out).all()
+
+
+def test_inspect_command_nearest_words(tmp_path):
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint("ldm", tmp_path / "ldm.ckpt")
+    table = torch.load(ckpt, weights_only=True)["state_dict"]["cond_stage_model.transformer.token_emb.weight"]
+    dog = 3899  # 'dog' in bert-base-uncased
+    save_original(tmp_path / "e.pt", {"*": table[dog : dog + 1].clone()}, {"*": 1008})
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "embedding_tool.py"), "inspect", str(tmp_path / "e.pt"),
+         "--config", str(REPO / "tests" / "configs" / "ldm-tiny-finetune.yaml"), "--ckpt", str(ckpt)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "'*': 1 vector(s) of 32" in result.stdout and "token id 1008 ('*')" in result.stdout
+    assert "nearest: dog (1.000)" in result.stdout
