@@ -164,3 +164,10 @@ def test_ddp_two_processes_write_one_run(workspace):
     assert "ranks hold the same embedding" in proc.stderr + proc.stdout
     assert "2 (num_gpus)" in proc.stderr + proc.stdout
     read_embedding(runs[0] / "checkpoints" / "embeddings.pt")
+
+
+def test_bf16_mixed_precision_on_cpu(workspace):
+    run_main(workspace, "--precision", "bf16-mixed", "--max_steps", "2")
+    emb = read_embedding(newest_run(workspace) / "checkpoints" / "embeddings.pt")
+    assert emb["string_to_param"]["*"].dtype == torch.float32
+    assert torch.isfinite(emb["string_to_param"]["*"]).all()

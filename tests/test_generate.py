@@ -1,0 +1,170 @@
+"""scripts/txt2img.py and scripts/stable_txt2img.py on tiny random models: files, names, metadata, embeddings at
+work, warnings, and bad input ending with one line and exit status 2."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.generate import LDM_DEFAULTS, SD_DEFAULTS, build_parser, generate
+from ldm.inference import load_model_from_config, prompt_warnings, sample_images
+from ldm.modules.embedding_formats import save_original
+from ldm.provenance import read_png_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import TINY_CONFIGS, make_tiny_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--H", "16", "--W", "16", "--ddim_steps", "2", "--precision", "full", "--device", "cpu"]
+TABLE_KEY = {"sd": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", "ldm": "cond_stage_model.transformer.token_emb.weight"}
+SCULPTURE = {"sd": 8757, "ldm": 6743}  # the init word's token in the CLIP / BERT vocabularies
+STAR = {"sd": 265, "ldm": 1008}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {family: make_tiny_checkpoint(family, root / f"{family}.ckpt") for family in ("sd", "ldm")}
+
+
+def token_row(ckpt: Path, family: str, token: int) -> torch.Tensor:
+    return torch.load(ckpt, weights_only=True)["state_dict"][TABLE_KEY[family]][token : token + 1].clone()
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_sd_script_files_names_metadata_and_counters(ckpts, tmp_path):
+    emb = save_original(tmp_path / "embeddings.pt", {"*": token_row(ckpts["sd"], "sd", SCULPTURE["sd"])}, {"*": STAR["sd"]})
+    out = tmp_path / "out"
+    common = ["--config", str(TINY_CONFIGS["sd"]), "--ckpt_path", str(ckpts["sd"]), "--outdir", str(out), *TINY]
+    first = run("stable_txt2img.py", *common, "--embedding_path", str(emb), "--prompt", "a photo of *", "--n_samples", "2", "--n_iter", "2", "--seed", "7")
+    assert first.returncode == 0, first.stderr
+    assert "Sampling" in first.stderr and "DDIM Sampler" in first.stderr  # progress bars
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"{i:05}.png" for i in range(4)]
+    assert sorted(p.name for p in out.glob("*.png")) == ["a-photo-of-*-0000.png"]
+    grid = Image.open(out / "a-photo-of-*-0000.png")
+    assert grid.size == (2 * 18 + 2, 2 * 18 + 2)  # 2 rounds x 2 samples, 2 px padding
+    meta = read_png_text(out / "samples" / "00003.png")
+    assert meta["prompt"] == "a photo of *" and meta["seed"] == "8" and meta["batch_index"] == "1"
+    assert meta["sampler"] == "ddim" and meta["steps"] == "2" and meta["scale"] == "7.5" and meta["size"] == "16x16"
+    assert meta["model_hash"] == hashlib.sha256(ckpts["sd"].read_bytes()).hexdigest()[:10]
+    assert meta["embedding_hash"] == hashlib.sha256(emb.read_bytes()).hexdigest()[:10]
+    assert meta["parameters"].startswith("a photo of *\nSteps: 2, Sampler: ddim, CFG scale: 7.5, Seed: 8")
+    assert "Model hash" in read_png_text(out / "a-photo-of-*-0000.png")["parameters"]
+
+    # --from-file (crashed in the original): a grid per prompt, counters continue; the embedding reproduces its init word
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sculpture\n\na photo of *\n", encoding="utf-8")
+    second = run("stable_txt2img.py", *common, "--from-file", str(prompts), "--n_samples", "1", "--n_iter", "1", "--seed", "7", "--embedding_path", str(emb))
+    assert second.returncode == 0, second.stderr
+    assert len(list((out / "samples").iterdir())) == 6
+    assert {p.name for p in out.glob("*.png")} == {"a-photo-of-*-0000.png", "a-photo-of-sculpture-0001.png", "a-photo-of-*-0002.png"}
+    assert np.array_equal(pixels(out / "samples" / "00004.png"), pixels(out / "samples" / "00005.png"))
+    assert np.array_equal(pixels(out / "samples" / "00004.png"), pixels(out / "samples" / "00000.png"))
+
+
+def test_ldm_learned_embedding_changes_the_output(ckpts, tmp_path):
+    init = token_row(ckpts["ldm"], "ldm", SCULPTURE["ldm"])
+    torch.manual_seed(0)
+    for name, vector in (("init", init), ("learned", init + 0.5 * torch.randn_like(init))):
+        save_original(tmp_path / f"{name}.pt", {"*": vector}, {"*": STAR["ldm"]})
+    common = ["--config", str(TINY_CONFIGS["ldm"]), "--ckpt_path", str(ckpts["ldm"]), *TINY, "--n_samples", "1", "--n_iter", "1", "--scale", "5.0"]
+    images = {}
+    for name in ("init", "learned"):
+        result = run("txt2img.py", *common, "--outdir", str(tmp_path / name), "--embedding_path", str(tmp_path / f"{name}.pt"), "--prompt", "a photo of *", "--skip_grid")
+        assert result.returncode == 0, result.stderr
+        assert not list((tmp_path / name).glob("*.png"))  # --skip_grid
+        images[name] = pixels(tmp_path / name / "samples" / "00000.png")
+    plain = tmp_path / "plain"
+    opt = build_parser(LDM_DEFAULTS, "").parse_args([*common, "--outdir", str(plain), "--prompt", "a photo of sculpture", "--skip_grid"])
+    generate(opt)  # in-process: no embedding at all, the init word itself
+    assert np.array_equal(images["init"], pixels(plain / "samples" / "00000.png"))
+    assert not np.array_equal(images["learned"], images["init"])
+
+
+def test_multi_vector_embedding_just_works_and_prompt_warnings(ckpts, tmp_path, caplog):
+    emb = save_original(tmp_path / "e.pt", {"*": torch.randn(40, 32)}, {"*": STAR["sd"]})  # config: 1 vector per token
+    model = load_model_from_config(TINY_CONFIGS["sd"], ckpts["sd"], "cpu", emb)
+    images = sample_images(model, ["a photo of * and *", "@"], steps=2, scale=3.0, H=16, W=16, verbose=False)
+    assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    assert prompt_warnings(model, "a photo of *") == []
+    undefined = prompt_warnings(model, "a photo of * next to @")
+    assert len(undefined) == 1 and "'@'" in undefined[0] and "defines '*'" in undefined[0]
+    long = prompt_warnings(model, "a photo of * and *")
+    assert len(long) == 1 and "86 tokens long" in long[0] and "reads 77" in long[0]
+
+
+@pytest.mark.parametrize("precision, plms", [("autocast", False), ("full", True)])
+def test_autocast_on_cpu_and_plms(ckpts, tmp_path, precision, plms):
+    args = ["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(ckpts["sd"]), "--outdir", str(tmp_path), *TINY, "--precision", precision,
+            "--n_samples", "1", "--n_iter", "1", "--n_rows", "1", "--fixed_code", "--skip_save"] + (["--plms"] if plms else [])
+    generate(build_parser(SD_DEFAULTS, "").parse_args(args))
+    grids = list(tmp_path.glob("*.png"))
+    assert len(grids) == 1 and not list((tmp_path / "samples").iterdir())
+    assert read_png_text(grids[0])["sampler"] == ("plms" if plms else "ddim")
+
+
+def test_defaults_follow_the_original_scripts():
+    sd = build_parser(SD_DEFAULTS, "").parse_args([])
+    ldm = build_parser(LDM_DEFAULTS, "").parse_args(["--ckpt", "x.ckpt"])
+    assert (sd.ddim_steps, sd.n_iter, sd.H, sd.n_samples, sd.scale, sd.precision) == (50, 2, 512, 3, 7.5, "autocast")
+    assert sd.config == "configs/stable-diffusion/v1-inference.yaml" and sd.outdir == "outputs/txt2img-samples"
+    assert (ldm.ddim_steps, ldm.n_iter, ldm.H, ldm.n_samples, ldm.scale, ldm.ckpt) == (200, 1, 256, 4, 5.0, "x.ckpt")
+    assert ldm.config == "configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml"
+
+
+def bad_inputs(ckpts: dict, tmp: Path) -> list[tuple[str, list[str], str]]:
+    save_original(tmp / "wide.pt", {"*": torch.zeros(1, 768)}, {"*": STAR["sd"]})
+    torch.save({"string_to_param": EvilPayload(tmp / "marker")}, tmp / "evil.pt")
+    (tmp / "file").write_text("x")
+    sd = ["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(ckpts["sd"])]
+    return [
+        ("stable_txt2img.py", ["--ckpt", str(tmp / "missing.ckpt"), "--config", str(TINY_CONFIGS["sd"])], "does not exist"),
+        ("txt2img.py", ["--config", str(TINY_CONFIGS["ldm"]), "--ckpt_path", str(ckpts["sd"])], "does not fit config"),
+        ("stable_txt2img.py", [*sd, "--embedding_path", str(tmp / "wide.pt")], "SD v1 (CLIP ViT-L/14, width 768) vectors"),
+        ("stable_txt2img.py", [*sd, "--embedding_path", str(tmp / "evil.pt")], "refused by the safe reader"),
+        ("stable_txt2img.py", [*sd, "--outdir", str(tmp / "file" / "out")], "--outdir: cannot write"),
+    ]
+
+
+class EvilPayload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_bad_input_one_line_exit_2(ckpts, tmp_path):
+    for script, args, expected in bad_inputs(ckpts, tmp_path):
+        result = run(script, *args, "--outdir", str(tmp_path / "o"), *TINY) if "--outdir" not in args else run(script, *args, *TINY)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+        assert expected in lines[0], lines[0]
+    assert not (tmp_path / "marker").exists()
+
+
+def test_wrong_family_message_names_both(ckpts, caplog):
+    from ldm.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"SD v1 .* checkpoint with an LDM .* config\? pass --config configs/stable-diffusion"):
+        load_model_from_config(TINY_CONFIGS["ldm"], ckpts["sd"], "cpu")
+    with caplog.at_level(logging.WARNING):
+        model = load_model_from_config(TINY_CONFIGS["ldm"], ckpts["ldm"], "cpu")
+    assert model.embedding_manager is None and not caplog.records  # no embedding: '*' is an ordinary word
