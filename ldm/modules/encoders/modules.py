@@ -90,8 +90,19 @@ class _TextEmbedder(AbstractEncoder):
         return self.token_embedding.embedding_dim
 
     def tokenize(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
-        """Token ids ``[B, max_length]`` on the CPU, with special tokens, truncated and padded as the tokenizer does."""
-        return self._loaded_tokenizer().ids(_as_texts(texts), self.max_length)
+        """Token ids ``[B, max_length]`` on the CPU, with special tokens, truncated and padded as the tokenizer does.
+
+        Rows are memoised per string: training draws its captions from a few dozen templates, so each is tokenized
+        once instead of every step.
+        """
+        cache: dict[str, torch.Tensor] = self.__dict__.setdefault("_token_cache", {})
+        texts = _as_texts(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            if len(cache) > 4096:
+                cache.clear()
+            cache.update(zip(new, self._loaded_tokenizer().ids(new, self.max_length)))
+        return torch.stack([cache[t] for t in texts])
 
     def content_token_ids(self, text: str) -> list[int]:
         """Ids of ``text`` without special or padding tokens (a placeholder string must give exactly one)."""
