@@ -9,6 +9,7 @@ are re-exported here.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -178,7 +179,8 @@ def main() -> None:
 
     install_signal_handlers()
     if opt.train:
-        trainer.fit(model, data, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None, weights_only=True)
+        safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}  # Lightning >= 2.6
+        trainer.fit(model, data, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None, **safe)
     if not opt.no_test and not trainer.interrupted and data is not None and data.has("test"):
         trainer.test(model, data)
     if trainer.is_global_zero and opt.train:
