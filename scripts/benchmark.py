@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ldm.data.personalized import imagenet_templates_small  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
@@ -155,6 +156,28 @@ def measure(name: str, args: argparse.Namespace, batch: int, precision: str, cac
     return Result(name, batch, precision, cache, checkpointing, median, batch / median, peak_memory_gib(device), flops, fraction)
 
 
+def measure_peer(args: argparse.Namespace, batch: int, precision: str, peak_rate: float | None) -> Result | None:
+    """The diffusers textual-inversion step at the same architecture (CLIP configs, diffusers installed)."""
+    config = OmegaConf.load(args.config)
+    if "CLIP" not in config.model.params.cond_stage_config.target:
+        return None
+    try:
+        from peer_step import build_peer, make_peer_step
+    except ImportError:
+        return None
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    peer = build_peer(config, device, DTYPES[precision])
+    step = make_peer_step(peer, synthetic_batch(config, batch, device, cache=False), device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_steps(step, device, args.warmup, args.steps)
+    flops = step_flops(step)
+    median = statistics.median(times)
+    return Result("peer: diffusers TI step", batch, precision, False, False, median, batch / median, peak_memory_gib(device), flops,
+                  flops / median / peak_rate if peak_rate else None)
+
+
 def lightning_overhead(args: argparse.Namespace, batch: int) -> tuple[float, float]:
     """Median step time of the same model and batch under the Lightning Trainer and in a bare loop."""
     import pytorch_lightning as pl
@@ -188,6 +211,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models run fastest on one)")
     parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning-versus-bare-loop measurement")
+    parser.add_argument("--no-peer", action="store_true", help="skip the diffusers peer step")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -201,6 +225,8 @@ def main() -> None:
         for precision in args.precision:
             results.append(measure("ours", args, batch, precision, cache=True, checkpointing=False, peak_rate=peak))
         results.append(measure("ours + checkpointing", args, batch, args.precision[-1], cache=True, checkpointing=True, peak_rate=peak))
+        if not args.no_peer:
+            results += [r for r in (measure_peer(args, batch, precision, peak) for precision in args.precision) if r is not None]
     overhead = None if args.no_lightning else lightning_overhead(args, args.batch[0])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
     Path(args.out).write_text(json.dumps({"config": args.config, "device": device_name, "bf16_matmul_tflops": peak,
