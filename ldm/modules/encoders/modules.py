@@ -252,10 +252,14 @@ class _TextModelHolder(nn.Module):
 
 
 def build_clip_text_transformer(config) -> nn.Module:
-    """A randomly initialised ``CLIPTextModel`` (eager attention) whose state-dict keys start with ``text_model.``."""
+    """A randomly initialised ``CLIPTextModel`` whose state-dict keys start with ``text_model.``.
+
+    Attention runs on ``scaled_dot_product_attention`` (fused kernels on GPU); it agrees with the original's eager
+    attention to about 1e-6.
+    """
     from transformers import CLIPTextModel
 
-    config._attn_implementation = "eager"
+    config._attn_implementation = "sdpa"
     model = CLIPTextModel(config)
     return model if hasattr(model, "text_model") else _TextModelHolder(model)
 
