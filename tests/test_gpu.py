@@ -48,13 +48,13 @@ def test_bf16_autocast_on_cuda(cuda_model, F):
     assert abs(loss.item() - F["p_losses.loss"].item()) < 0.05 * F["p_losses.loss"].item()
 
 
-def test_main_on_one_gpu(tmp_path):
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
+def test_main_on_one_gpu(tmp_path, precision):
     ckpt = make_tiny_checkpoint("ldm", tmp_path / "ldm.ckpt")
     data = make_concept_folder(tmp_path / "data")
     proc = subprocess.run(
         [sys.executable, str(REPO / "main.py"), "--base", str(TINY_CONFIGS["ldm"]), "-t", "--actual_resume", str(ckpt), "-n", "gpu",
-         "--gpus", "0,", "--data_root", str(data), "-l", str(tmp_path / "logs"), "--max_steps", "4", "--precision", "bf16-mixed",
-         "lightning.trainer.accelerator=gpu"],
+         "--gpus", "0,", "--data_root", str(data), "-l", str(tmp_path / "logs"), "--max_steps", "4", "--precision", precision],
         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
