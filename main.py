@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from ldm.data.images import validate_image_folder
+from ldm.data.images import list_image_files, validate_image_folder
 from ldm.train.callbacks import EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
 from ldm.train.cli import get_parser, load_configs, parse_gpus, resolve_run, split_unknown
 from ldm.train.data import DataModuleFromConfig
@@ -154,6 +154,10 @@ def main() -> None:
     settings, ngpu = trainer_settings(opt, extra, lightning_config)
     lightning_config.trainer = settings
     model = instantiate_from_config(config.model)
+    model.embedding_provenance = {  # stored in every embedding file written
+        "seed": opt.seed, "config": config, "base_model": config.model.params.get("ckpt_path") or None,
+        "data_files": list_image_files(opt.data_root) if opt.data_root else [],
+    }
     data = instantiate_from_config(config.data) if "data" in config else None
     callbacks = default_callbacks(run, opt, config, lightning_config, bool(run.resume_ckpt))
     pl_logger = pl.loggers.CSVLogger(save_dir=str(run.logdir), name="csv")

@@ -25,5 +25,5 @@ setup(
         "regex>=2022.1",
         "matplotlib>=3.5",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "diffusers>=0.30"]},
 )

@@ -27,7 +27,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.data.images import make_grid
-from ldm.inference import LDM_CONFIG, SD_CONFIG, default_device, inference_scope, load_model_from_config, prompt_warnings, sample_images
+from ldm.inference import (
+    LDM_CONFIG,
+    SD_CONFIG,
+    default_device,
+    inference_scope,
+    latent_shape,
+    load_model_from_config,
+    prompt_warnings,
+    sample_images,
+)
 from ldm.provenance import GenerationRecord, save_png, short_hash
 from ldm.train.errors import ConfigError, run_cli
 
@@ -76,6 +85,7 @@ def build_parser(defaults: ScriptDefaults, description: str) -> argparse.Argumen
     p.add_argument("--scale", type=float, default=defaults.scale, help="classifier-free guidance scale")
     p.add_argument("--config", type=str, default=defaults.config, help="model config")
     p.add_argument(*defaults.ckpt_flags, dest="ckpt", type=str, default=defaults.ckpt, help="model checkpoint")
+    p.set_defaults(ckpt_flag=defaults.ckpt_flags[0])  # how error messages name the checkpoint option
     p.add_argument("--embedding_path", type=str, default=None, help="embedding file (original, A1111, diffusers or kohya)")
     p.add_argument("--seed", type=int, default=42, help="seed of the first round (round r uses seed + r)")
     p.add_argument("--precision", choices=["full", "autocast"], default=defaults.precision,
@@ -150,7 +160,8 @@ def generate(opt: argparse.Namespace) -> list[Path]:
     prompts = read_prompts(opt)
     outdir, sample_dir = prepare_outdir(opt.outdir)
     device = resolve_device(opt.device)
-    model = load_model_from_config(opt.config, opt.ckpt, device, opt.embedding_path)
+    model = load_model_from_config(opt.config, opt.ckpt, device, opt.embedding_path, ckpt_flag=opt.ckpt_flag)
+    latent_shape(model, opt.H, opt.W, opt.C, opt.f)  # a size that does not fit fails here, before any progress bar
     for prompt in prompts:
         for warning in prompt_warnings(model, prompt):
             logger.warning(warning)

@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 LDM_CONFIG = "configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml"
 _GROUPS = {"UNet": "model.diffusion_model.", "text encoder": "cond_stage_model.", "autoencoder": "first_stage_model."}
-# Strings that look like a placeholder: <token>, the usual single symbols, the Hebrew letters of per-image tokens.
-_PLACEHOLDER_LIKE = re.compile(r"<[^<>\s]+>|[*@&#$%^~]|[\u05d0-\u05ea]")
+# Strings that look like a placeholder: <token>, '*' and '@' (the README's), the Hebrew letters of per-image tokens.
+_PLACEHOLDER_LIKE = re.compile(r"<[^<>\s]+>|[*@]|[\u05d0-\u05ea]")
 
 
 def default_device() -> str:

@@ -150,3 +150,9 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32(model, F):
     assert abs(loss.item() - F["p_losses.loss_placeholder"].item()) < 0.05 * F["p_losses.loss_placeholder"].item()
     cos = torch.nn.functional.cosine_similarity(grad.float(), F["p_losses.grad_placeholder_vec"], dim=0)
     assert cos > 0.9
+
+
+@pytest.mark.parametrize("steps", [3, 7, 9])
+def test_ddim_step_counts_that_crashed_the_original(model, F, steps):
+    samples, _ = DDIMSampler(model).sample(S=steps, batch_size=2, shape=[4, 8, 8], conditioning=F["cond.c"], verbose=False, x_T=F["inputs.x_T"])
+    assert torch.isfinite(samples).all()

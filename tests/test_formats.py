@@ -2,6 +2,7 @@
 client loading our export, malicious pickles refused without running, and the EmbeddingManager's token rules."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
@@ -29,6 +31,7 @@ from ldm.modules.embedding_formats import (
 )
 from ldm.modules.embedding_manager import EmbeddingFileError, EmbeddingManager, PlaceholderError
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+from ldm.provenance import GenerationRecord, embedding_record, file_sha256, metadata_to_record, read_png_text, record_to_metadata, save_png
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLIP = REPO / "tests" / "fixtures" / "tiny-clip"
@@ -228,7 +231,7 @@ def test_manager_uses_the_models_token_for_a_single_token_placeholder(embedder, 
 def test_manager_keeps_an_in_vocabulary_file_id_of_a_multi_token_placeholder(embedder, tmp_path, vectors, caplog):
     with caplog.at_level(logging.WARNING):
         manager = manager_with(embedder, tmp_path, "<cat-toy>", vectors, STAR_CLIP)
-    assert int(manager.string_to_token_dict["<cat-toy>"]) == STAR_CLIP and "'*</w>'" in caplog.text
+    assert int(manager.string_to_token_dict["<cat-toy>"]) == STAR_CLIP and "with '*'" in caplog.text
     with pytest.raises(PlaceholderError, match="convert --rename"):
         manager_with(embedder, tmp_path, "<cat-toy>", vectors, None)
 
@@ -258,3 +261,43 @@ def test_inspect_command_nearest_words(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "'*': 1 vector(s) of 32" in result.stdout and "token id 1008 ('*')" in result.stdout
     assert "nearest: dog (1.000)" in result.stdout
+
+
+def test_embedding_record_travels_in_pt_and_safetensors(tmp_path, vectors):
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  base_learning_rate: 0.005\n", encoding="utf-8")
+    base = tmp_path / "model.ckpt"
+    base.write_bytes(b"weights")
+    images = [tmp_path / "b.png", tmp_path / "a.png"]
+    for i, image in enumerate(images):
+        image.write_bytes(bytes([i]) * 10)
+    record = embedding_record(seed=23, step=499, config=config, base_model=base, data_files=images)
+    assert record["seed"] == 23 and record["step"] == 499 and record["config"].startswith("model:")
+    assert record["base_model_sha256"] == hashlib.sha256(b"weights").hexdigest()
+    assert list(record["data_sha256"]) == ["a.png", "b.png"] and record["data_sha256"]["a.png"] == hashlib.sha256(bytes([1]) * 10).hexdigest()
+    pt = save_original(tmp_path / "e.pt", {"*": vectors}, {"*": STAR_CLIP}, record)
+    assert read_embeddings(pt).metadata == record  # plain values: the safe reader reads them back
+    write_embeddings(read_embeddings(pt), tmp_path / "e.safetensors")
+    back = read_embeddings(tmp_path / "e.safetensors").metadata
+    assert {k: back[k] for k in record if record[k] is not None} == {k: v for k, v in record.items() if v is not None}
+    assert metadata_to_record(record_to_metadata(record)) == {k: v for k, v in record.items() if v is not None}
+    from_mapping = embedding_record(seed=None, step=0, config={"model": {"base_learning_rate": 0.005}})
+    assert from_mapping["config"] == "model:\n  base_learning_rate: 0.005\n" and from_mapping["base_model_sha256"] is None
+
+
+def test_file_hash_cache_follows_changes(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"one")
+    assert file_sha256(path) == hashlib.sha256(b"one").hexdigest()
+    path.write_bytes(b"two!")
+    assert file_sha256(path) == hashlib.sha256(b"two!").hexdigest()
+
+
+def test_generation_record_png_chunks(tmp_path):
+    record = GenerationRecord(prompt="a photo of * א", seed=42, sampler="ddim", steps=50, scale=7.5, eta=0.0, width=512, height=512,
+                              model="m.ckpt", model_hash="0123456789")
+    save_png(Image.new("RGB", (4, 4)), tmp_path / "x.png", record)
+    text = read_png_text(tmp_path / "x.png")
+    assert text["prompt"] == "a photo of * א" and text["seed"] == "42" and text["size"] == "512x512"
+    assert text["parameters"] == "a photo of * א\nSteps: 50, Sampler: ddim, CFG scale: 7.5, Seed: 42, Batch index: 0, Size: 512x512, Eta: 0.0, Model hash: 0123456789, Model: m.ckpt, Precision: full"
+    assert "embedding_hash" not in text

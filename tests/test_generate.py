@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.generate import LDM_DEFAULTS, SD_DEFAULTS, build_parser, generate
+from ldm.generate import LDM_DEFAULTS, SD_DEFAULTS, build_parser, generate, main
 from ldm.inference import load_model_from_config, prompt_warnings, sample_images
 from ldm.modules.embedding_formats import save_original
 from ldm.provenance import read_png_text
@@ -71,8 +71,7 @@ def test_sd_script_files_names_metadata_and_counters(ckpts, tmp_path):
     # --from-file (crashed in the original): a grid per prompt, counters continue; the embedding reproduces its init word
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of sculpture\n\na photo of *\n", encoding="utf-8")
-    second = run("stable_txt2img.py", *common, "--from-file", str(prompts), "--n_samples", "1", "--n_iter", "1", "--seed", "7", "--embedding_path", str(emb))
-    assert second.returncode == 0, second.stderr
+    generate(build_parser(SD_DEFAULTS, "").parse_args([*common, "--from-file", str(prompts), "--n_samples", "1", "--n_iter", "1", "--seed", "7", "--embedding_path", str(emb)]))
     assert len(list((out / "samples").iterdir())) == 6
     assert {p.name for p in out.glob("*.png")} == {"a-photo-of-*-0000.png", "a-photo-of-sculpture-0001.png", "a-photo-of-*-0002.png"}
     assert np.array_equal(pixels(out / "samples" / "00004.png"), pixels(out / "samples" / "00005.png"))
@@ -80,22 +79,20 @@ def test_sd_script_files_names_metadata_and_counters(ckpts, tmp_path):
 
 
 def test_ldm_learned_embedding_changes_the_output(ckpts, tmp_path):
+    """One run, three prompts: '*' holds the init word's vector, '@' a learned (moved) one, then the init word itself."""
     init = token_row(ckpts["ldm"], "ldm", SCULPTURE["ldm"])
     torch.manual_seed(0)
-    for name, vector in (("init", init), ("learned", init + 0.5 * torch.randn_like(init))):
-        save_original(tmp_path / f"{name}.pt", {"*": vector}, {"*": STAR["ldm"]})
-    common = ["--config", str(TINY_CONFIGS["ldm"]), "--ckpt_path", str(ckpts["ldm"]), *TINY, "--n_samples", "1", "--n_iter", "1", "--scale", "5.0"]
-    images = {}
-    for name in ("init", "learned"):
-        result = run("txt2img.py", *common, "--outdir", str(tmp_path / name), "--embedding_path", str(tmp_path / f"{name}.pt"), "--prompt", "a photo of *", "--skip_grid")
-        assert result.returncode == 0, result.stderr
-        assert not list((tmp_path / name).glob("*.png"))  # --skip_grid
-        images[name] = pixels(tmp_path / name / "samples" / "00000.png")
-    plain = tmp_path / "plain"
-    opt = build_parser(LDM_DEFAULTS, "").parse_args([*common, "--outdir", str(plain), "--prompt", "a photo of sculpture", "--skip_grid"])
-    generate(opt)  # in-process: no embedding at all, the init word itself
-    assert np.array_equal(images["init"], pixels(plain / "samples" / "00000.png"))
-    assert not np.array_equal(images["learned"], images["init"])
+    emb = save_original(tmp_path / "e.pt", {"*": init, "@": init + 0.5 * torch.randn_like(init)}, {"*": STAR["ldm"], "@": 1030})
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of *\na photo of @\na photo of sculpture\n", encoding="utf-8")
+    out = tmp_path / "out"
+    result = run("txt2img.py", "--config", str(TINY_CONFIGS["ldm"]), "--ckpt_path", str(ckpts["ldm"]), *TINY, "--n_samples", "1",
+                 "--n_iter", "1", "--outdir", str(out), "--embedding_path", str(emb), "--from-file", str(prompts), "--skip_grid")
+    assert result.returncode == 0, result.stderr
+    assert not list(out.glob("*.png"))  # --skip_grid
+    star, learned, word = (pixels(out / "samples" / f"{i:05}.png") for i in range(3))
+    assert np.array_equal(star, word)
+    assert not np.array_equal(learned, star)
 
 
 def test_multi_vector_embedding_just_works_and_prompt_warnings(ckpts, tmp_path, caplog):
@@ -129,20 +126,6 @@ def test_defaults_follow_the_original_scripts():
     assert ldm.config == "configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml"
 
 
-def bad_inputs(ckpts: dict, tmp: Path) -> list[tuple[str, list[str], str]]:
-    save_original(tmp / "wide.pt", {"*": torch.zeros(1, 768)}, {"*": STAR["sd"]})
-    torch.save({"string_to_param": EvilPayload(tmp / "marker")}, tmp / "evil.pt")
-    (tmp / "file").write_text("x")
-    sd = ["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(ckpts["sd"])]
-    return [
-        ("stable_txt2img.py", ["--ckpt", str(tmp / "missing.ckpt"), "--config", str(TINY_CONFIGS["sd"])], "does not exist"),
-        ("txt2img.py", ["--config", str(TINY_CONFIGS["ldm"]), "--ckpt_path", str(ckpts["sd"])], "does not fit config"),
-        ("stable_txt2img.py", [*sd, "--embedding_path", str(tmp / "wide.pt")], "SD v1 (CLIP ViT-L/14, width 768) vectors"),
-        ("stable_txt2img.py", [*sd, "--embedding_path", str(tmp / "evil.pt")], "refused by the safe reader"),
-        ("stable_txt2img.py", [*sd, "--outdir", str(tmp / "file" / "out")], "--outdir: cannot write"),
-    ]
-
-
 class EvilPayload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
@@ -151,13 +134,39 @@ class EvilPayload:
         return (open, (str(self.marker), "w"))
 
 
-def test_bad_input_one_line_exit_2(ckpts, tmp_path):
-    for script, args, expected in bad_inputs(ckpts, tmp_path):
-        result = run(script, *args, "--outdir", str(tmp_path / "o"), *TINY) if "--outdir" not in args else run(script, *args, *TINY)
+def test_bad_input_in_the_real_scripts_one_line_exit_2(ckpts, tmp_path):
+    torch.save({"string_to_param": EvilPayload(tmp_path / "marker")}, tmp_path / "evil.pt")
+    cases = [
+        ("stable_txt2img.py", ["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(ckpts["sd"]), "--embedding_path", str(tmp_path / "evil.pt")], "refused by the safe reader"),
+        ("txt2img.py", ["--config", str(TINY_CONFIGS["ldm"]), "--ckpt_path", str(ckpts["sd"])], "does not fit config"),
+    ]
+    for script, args, expected in cases:
+        result = run(script, *args, "--outdir", str(tmp_path / "o"), *TINY)
         lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
         assert expected in lines[0], lines[0]
     assert not (tmp_path / "marker").exists()
+
+
+def test_more_bad_input_one_line_exit_2(ckpts, tmp_path, capsys):
+    save_original(tmp_path / "wide.pt", {"*": torch.zeros(1, 768)}, {"*": STAR["sd"]})
+    (tmp_path / "file").write_text("x")
+    sd = ["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(ckpts["sd"]), *TINY]
+    cases = [
+        (["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(tmp_path / "missing.ckpt")], "--ckpt: file"),
+        ([*sd, "--embedding_path", str(tmp_path / "wide.pt")], "SD v1 (CLIP ViT-L/14, width 768) vectors, but this model's"),
+        ([*sd, "--embedding_path", str(tmp_path / "missing.pt")], "does not exist"),
+        ([*sd, "--outdir", str(tmp_path / "file" / "out")], "--outdir: cannot write"),
+        ([*sd, "--from-file", str(tmp_path / "nothing.txt")], "--from-file: cannot read"),
+        ([*sd, "--plms", "--ddim_eta", "0.5"], "--ddim_eta must be 0"),
+        ([*sd, "--H", "15"], "multiples of the downsampling factor 2"),
+    ]
+    for args, expected in cases:
+        argv = args if "--outdir" in args else [*args, "--outdir", str(tmp_path / "o")]
+        with pytest.raises(SystemExit) as exit_info:
+            main(SD_DEFAULTS, "", argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and expected in lines[0], (argv, lines)
 
 
 def test_wrong_family_message_names_both(ckpts, caplog):

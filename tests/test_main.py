@@ -59,6 +59,7 @@ def test_inversion_writes_the_original_files(workspace, family, width):
     assert not [n for n in names if n.startswith(".")], "a temporary file was left behind"
     emb = read_embedding(ckpt / "embeddings.pt")
     assert list(emb["string_to_param"]) == ["*"] and emb["string_to_param"]["*"].shape == (1, width)
+    assert emb["step"] == 5 and emb["seed"] == 23 and emb["base_model_sha256"] and len(emb["data_sha256"]) == 3
     assert len(list((run / "configs").glob("*-project.yaml"))) == 1 and len(list((run / "configs").glob("*-lightning.yaml"))) == 1
     keys = {p.name.split("_gs-")[0] for p in (run / "images" / "train").glob("*.jpg")}
     assert keys == {"inputs", "reconstruction", "conditioning", "samples", "samples_scaled"}

@@ -363,8 +363,12 @@ class Vocabulary:
     """What placeholder handling needs of a tokenizer: content ids of a string, id -> token, vocabulary size."""
 
     content_ids: Callable[[str], list[int]]
-    token: Callable[[int], str]
+    raw_token: Callable[[int], str]
     size: int
+
+    def token(self, token_id: int) -> str:
+        """The vocabulary string of ``token_id`` as a prompt writes it (CLIP's end-of-word mark removed)."""
+        return self.raw_token(token_id).removesuffix("</w>")
 
     @classmethod
     def of_embedder(cls, embedder: Any) -> Vocabulary:

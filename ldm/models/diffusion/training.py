@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ldm.checkpoint import atomic_torch_save
+from ldm.provenance import embedding_record
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
@@ -146,7 +147,8 @@ class InversionTrainingMixin:
         if not self.embeddings_are_finite():
             logger.warning("not saving embeddings at step %d: they are not finite", step)
             return
-        payload = self.embedding_manager.state_to_save(extra={"step": step})
+        provenance = getattr(self, "embedding_provenance", None) or {}
+        payload = self.embedding_manager.state_to_save(extra=embedding_record(step=step, **provenance))
         for name in ("embeddings.pt", f"embeddings_gs-{step}.pt"):
             atomic_torch_save(payload, ckpt_dir / name)
 

@@ -58,7 +58,11 @@ def _beta_schedule(schedule: str, n_timestep: int, linear_start: float, linear_e
 def make_ddim_timesteps(
     ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int, verbose: bool = True
 ) -> np.ndarray:
-    """The DDPM timesteps a DDIM sampler visits (ascending), shifted by one as in the original."""
+    """The DDPM timesteps a DDIM sampler visits (ascending), shifted by one as in the original.
+
+    The shift can push the last step to T when the step count divides T - 1 (e.g. 3 steps of 1000: 0, 333, 666,
+    999); the original then failed with an index error, here that step is left out.
+    """
     if ddim_discr_method == "uniform":
         c = num_ddpm_timesteps // num_ddim_timesteps
         ddim_timesteps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
@@ -67,6 +71,7 @@ def make_ddim_timesteps(
     else:
         raise NotImplementedError(f'There is no ddim discretization method called "{ddim_discr_method}"')
     steps_out = ddim_timesteps + 1
+    steps_out = steps_out[steps_out < num_ddpm_timesteps]
     if verbose:
         logger.info("Selected timesteps for ddim sampler: %s", steps_out)
     return steps_out

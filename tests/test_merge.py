@@ -1,0 +1,135 @@
+"""merge_embeddings.py: the original's merge, non-interactive renames, clash checks, mixed widths, any input format,
+and a merged file whose two placeholders both work in one prompt."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import merge_embeddings
+from ldm.generate import SD_DEFAULTS, build_parser, generate
+from ldm.modules.embedding_formats import read_embeddings, save_original
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import TINY_CONFIGS, make_tiny_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP_IDS = {"*": 265, "@": 287, "&": 261, "dog": 1929, "cat": 2368}
+TABLE_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+
+
+def star_file(path: Path, vector: torch.Tensor, placeholder: str = "*") -> Path:
+    return save_original(path, {placeholder: vector}, {placeholder: CLIP_IDS.get(placeholder, 265)})
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """merge_embeddings.main in-process: (exit code, stdout, stderr)."""
+    try:
+        merge_embeddings.main(argv)
+        code = 0
+    except SystemExit as exit_info:
+        code = int(exit_info.code)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_merged_placeholders_both_work_in_one_prompt(tmp_path):
+    ckpt = make_tiny_checkpoint("sd", tmp_path / "sd.ckpt")
+    table = torch.load(ckpt, weights_only=True)["state_dict"][TABLE_KEY]
+    dog = star_file(tmp_path / "dog.pt", table[CLIP_IDS["dog"]][None].clone())
+    cat = star_file(tmp_path / "cat.pt", table[CLIP_IDS["cat"]][None].clone())
+    merged = tmp_path / "merged.pt"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "merge_embeddings.py"), "--manager_ckpts", str(dog), str(cat), "--output_path", str(merged), "-sd", "--rename", "*=@"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Managers merged. Final list of placeholders:" in result.stdout and f"'@': '{cat}'" in result.stdout
+    raw = torch.load(merged, weights_only=True)
+    assert {k: int(v) for k, v in raw["string_to_token"].items()} == {"*": 265, "@": 287}
+    assert raw["merged_from"]["@"]["file"] == str(cat) and raw["merged_from"]["@"]["placeholder"] == "*"
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of * and @\na photo of dog and cat\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(ckpt), "--embedding_path", str(merged), "--from-file", str(prompts),
+            "--outdir", str(out), "--H", "16", "--W", "16", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--precision", "full", "--skip_grid"]
+    generate(build_parser(SD_DEFAULTS, "").parse_args(args))
+    images = [np.asarray(Image.open(out / "samples" / f"{i:05}.png")) for i in range(2)]
+    assert np.array_equal(images[0], images[1])
+
+
+def test_clash_without_terminal_or_rename_is_one_line(tmp_path, capsys):
+    a, b = star_file(tmp_path / "a.pt", torch.randn(1, 32)), star_file(tmp_path / "b.pt", torch.randn(1, 32))
+    code, _, err = run_main(["--manager_ckpts", str(a), str(b), "--output_path", str(tmp_path / "m.pt"), "-sd"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "stdin is not a terminal" in lines[0] and "--auto_rename" in lines[0]
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_auto_rename_and_file_qualified_rename(tmp_path, capsys, caplog):
+    files = [star_file(tmp_path / f"{i}.pt", torch.randn(i + 1, 32)) for i in range(3)]
+    code, out, err = run_main(["--manager_ckpts", *map(str, files), "--output_path", str(tmp_path / "m.pt"), "-sd", "--auto_rename"], capsys)
+    assert code == 0 and "merged as '@'" in caplog.text and "merged as '&'" in caplog.text
+    merged = read_embeddings(tmp_path / "m.pt")
+    assert merged.token_ids == {"*": 265, "@": 287, "&": 261}
+    assert [v.shape[0] for v in merged.vectors.values()] == [1, 2, 3]  # any mix of vector counts
+    code, _, _ = run_main(["--manager_ckpts", str(files[0]), "--output_path", str(tmp_path / "q.pt"), "-sd", "--rename", f"{files[0]}:*=&"], capsys)
+    assert code == 0 and read_embeddings(tmp_path / "q.pt").token_ids == {"&": 261}
+
+
+@pytest.mark.parametrize(
+    "rename, expected",
+    [("*=two words", "is not one token of the CLIP tokenizer"), ("*=*", "already taken by merged placeholder '*'")],
+)
+def test_bad_replacements(tmp_path, capsys, rename, expected):
+    a, b = star_file(tmp_path / "a.pt", torch.randn(1, 32)), star_file(tmp_path / "b.pt", torch.randn(1, 32))
+    code, _, err = run_main(["--manager_ckpts", str(a), str(b), "--output_path", str(tmp_path / "m.pt"), "-sd", "--rename", rename], capsys)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_mixing_widths_names_both_files(tmp_path, capsys):
+    ldm = save_original(tmp_path / "ldm.pt", {"*": torch.randn(1, 1280)}, {"*": 1008})
+    sd = star_file(tmp_path / "sd.pt", torch.randn(1, 768))
+    code, _, err = run_main(["--manager_ckpts", str(ldm), str(sd), "--output_path", str(tmp_path / "m.pt"), "--auto_rename"], capsys)
+    assert code == 2 and str(ldm) in err and str(sd) in err and "1280" in err and "768" in err
+    code, _, err = run_main(["--manager_ckpts", str(sd), "--output_path", str(tmp_path / "m.pt")], capsys)
+    assert code == 2 and "with -sd" in err
+
+
+def test_foreign_formats_and_token_id_clashes(tmp_path, capsys):
+    star = star_file(tmp_path / "a.pt", torch.randn(1, 32))
+    save_file({"<cat-toy>": torch.randn(2, 32)}, str(tmp_path / "learned_embeds.safetensors"), metadata={"format": "pt"})
+    save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / "kohya.safetensors"))
+    # an A1111-style file whose multi-token name keeps the file's id of '*': a clash by token id
+    torch.save({"string_to_token": {"<x>": 265}, "string_to_param": {"<x>": torch.randn(1, 32)}, "name": "x"}, tmp_path / "x.pt")
+    argv = ["--manager_ckpts", str(star), str(tmp_path / "learned_embeds.safetensors"), str(tmp_path / "kohya.safetensors"), str(tmp_path / "x.pt"),
+            "--output_path", str(tmp_path / "m.pt"), "-sd", "--rename", "<cat-toy>=@", "--rename", "*=&", "--rename", "<x>=#"]
+    code, _, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert read_embeddings(tmp_path / "m.pt").token_ids == {"*": 265, "@": 287, "&": 261, "#": 258}
+
+
+def test_interactive_prompts_as_the_original(tmp_path):
+    vocab = merge_embeddings.load_vocabulary(sd=True)
+    answers = iter(["*", "two words", "&"])
+    questions: list[str] = []
+
+    def ask(question: str) -> str:
+        questions.append(question)
+        return next(answers)
+
+    merger = merge_embeddings.Merger(vocab, ask=ask, sd=True)
+    merger.add_file(str(star_file(tmp_path / "a.pt", torch.randn(1, 32))))
+    merger.add_file(str(star_file(tmp_path / "b.pt", torch.randn(1, 32))))
+    assert questions[0] == "Placeholder string * was already used. Please enter a replacement string: "
+    assert questions[1].startswith("Placeholder string '*' is already taken")
+    assert questions[2] == "Placeholder string 'two words' maps to more than a single token. Please enter another string: "
+    assert merger.token_ids == {"*": 265, "&": 261}
