@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.data.images import list_image_files, validate_image_folder
-from ldm.train.callbacks import EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
+from ldm.train.callbacks import AtomicCheckpointIO, EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
 from ldm.train.cli import get_parser, load_configs, parse_gpus, resolve_run, split_unknown
 from ldm.train.data import DataModuleFromConfig
 from ldm.train.errors import ConfigError, run_cli
@@ -161,7 +161,7 @@ def main() -> None:
     data = instantiate_from_config(config.data) if "data" in config else None
     callbacks = default_callbacks(run, opt, config, lightning_config, bool(run.resume_ckpt))
     pl_logger = pl.loggers.CSVLogger(save_dir=str(run.logdir), name="csv")
-    trainer = pl.Trainer(callbacks=callbacks, logger=pl_logger, default_root_dir=str(run.logdir), **settings)
+    trainer = pl.Trainer(callbacks=callbacks, logger=pl_logger, default_root_dir=str(run.logdir), plugins=[AtomicCheckpointIO()], **settings)
     if data is not None:
         data.setup()
         for name, dataset in data.datasets.items():

@@ -88,11 +88,10 @@ def test_resume_after_kill_continues_the_run(workspace):
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     last = None
-    while time.time() < deadline:
-        found = list((workspace["root"] / "logs_resume").glob("*/checkpoints/embeddings_gs-7.pt"))
-        if found:
-            last = found[0].parent / "last.ckpt"
-            break
+    while time.time() < deadline and last is None:
+        for candidate in (workspace["root"] / "logs_resume").glob("*/checkpoints/last.ckpt"):
+            if torch.load(candidate, weights_only=True)["global_step"] >= 8:  # written atomically: never half a file
+                last = candidate
         time.sleep(0.2)
     proc.kill()  # SIGKILL: no chance to save anything more
     proc.wait()
