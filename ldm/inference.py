@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointError, load_checkpoint, state_dict_from_checkpoint
-from ldm.models.diffusion.ddpm import checkpoint_family
 from ldm.train.errors import ConfigError
 from ldm.util import instantiate_from_config
 
@@ -28,7 +27,6 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 LDM_CONFIG = "configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml"
-_GROUPS = {"UNet": "model.diffusion_model.", "text encoder": "cond_stage_model.", "autoencoder": "first_stage_model."}
 # Strings that look like a placeholder: <token>, '*' and '@' (the README's), the Hebrew letters of per-image tokens.
 _PLACEHOLDER_LIKE = re.compile(r"<[^<>\s]+>|[*@]|[\u05d0-\u05ea]")
 
@@ -60,30 +58,6 @@ def load_config(config: str | os.PathLike | DictConfig) -> DictConfig:
     return loaded
 
 
-def fitting_weights(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], ckpt: str | os.PathLike, config_name: str
-) -> dict[str, torch.Tensor]:
-    """The checkpoint weights that fit ``model``; a :class:`CheckpointError` when the checkpoint is of another model."""
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding_manager.")}
-    problems = []
-    for group, prefix in _GROUPS.items():
-        keys = [k for k in own if k.startswith(prefix)]
-        bad = [k for k in keys if k not in state_dict or state_dict[k].shape != own[k].shape]
-        if keys and len(bad) > len(keys) // 2:
-            problems.append(f"{len(bad)} of {len(keys)} {group} weights are missing or of another shape")
-        elif bad:
-            logger.warning("checkpoint '%s': %d of %d %s weights are missing or of another shape", ckpt, len(bad), len(keys), group)
-    if problems:
-        have, want = checkpoint_family(state_dict), checkpoint_family(own)
-        if have and want and have != want:
-            config_path = SD_CONFIG if have.startswith("SD") else LDM_CONFIG
-            hint = f"an {have} checkpoint with an {want} config? pass --config {config_path}"
-        else:
-            hint = "a checkpoint of another model, or not a diffusion model at all?"
-        raise CheckpointError(f"checkpoint '{ckpt}' does not fit config '{config_name}': {'; '.join(problems)} ({hint})")
-    return {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
-
-
 def load_model_from_config(
     config: str | os.PathLike | DictConfig,
     ckpt: str | os.PathLike,
@@ -108,9 +82,7 @@ def load_model_from_config(
     if embedding_path is not None and not has_personalization:
         raise ConfigError(f"config '{config_name}' has no personalization_config, so it cannot use --embedding_path; use {LDM_CONFIG} or {SD_CONFIG}")
     model = instantiate_from_config(cfg.model)
-    weights = fitting_weights(model, state_dict, ckpt, config_name)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    logger.info("restored %s: %d missing, %d unexpected keys", ckpt, len(missing), len(unexpected))
+    model.load_pretrained(state_dict, str(ckpt))
     if getattr(model, "embedding_manager", None) is not None:
         if embedding_path is None:
             model.embedding_manager = None

@@ -138,7 +138,7 @@ def test_bad_input_in_the_real_scripts_one_line_exit_2(ckpts, tmp_path):
     torch.save({"string_to_param": EvilPayload(tmp_path / "marker")}, tmp_path / "evil.pt")
     cases = [
         ("stable_txt2img.py", ["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(ckpts["sd"]), "--embedding_path", str(tmp_path / "evil.pt")], "refused by the safe reader"),
-        ("txt2img.py", ["--config", str(TINY_CONFIGS["ldm"]), "--ckpt_path", str(ckpts["sd"])], "does not fit config"),
+        ("txt2img.py", ["--config", str(TINY_CONFIGS["ldm"]), "--ckpt_path", str(ckpts["sd"])], "does not fit the config"),
     ]
     for script, args, expected in cases:
         result = run(script, *args, "--outdir", str(tmp_path / "o"), *TINY)

@@ -61,7 +61,7 @@ def checkpoint_family(keys: Any) -> str | None:
 def describe_mismatch(path: str, bad_keys: list[str], problem: str, have: str | None, want: str | None) -> str:
     """One line on why a checkpoint does not fit the config, naming both model families when they differ."""
     hint = f"it is an {have} checkpoint but the config builds an {want} model; " if have and want and have != want else ""
-    return f"checkpoint '{path}' does not fit the config: {len(bad_keys)} model weights {problem} (e.g. {bad_keys[0]}); {hint}pass the checkpoint that matches --base"
+    return f"checkpoint '{path}' does not fit the config: {len(bad_keys)} model weights {problem} (e.g. {bad_keys[0]}); {hint}pass the checkpoint that matches the config"
 
 
 class DiffusionWrapper(nn.Module):
@@ -197,12 +197,18 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
                     logger.info("%s: restored training weights", context)
 
     def init_from_ckpt(self, path: str, ignore_keys: list[str] | tuple = (), only_model: bool = False) -> tuple[list[str], list[str]]:
-        """Load pretrained weights (non-strict, as the original); returns (missing, unexpected) keys.
+        """Load pretrained weights from a file (see :meth:`load_pretrained`)."""
+        return self.load_pretrained(load_state_dict(path, what="--actual_resume / ckpt_path"), path, ignore_keys, only_model)
+
+    def load_pretrained(
+        self, sd: dict[str, torch.Tensor], path: str, ignore_keys: list[str] | tuple = (), only_model: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """Load pretrained weights non-strictly (as the original); returns (missing, unexpected) keys.
 
         Keys a config does not use (``model_ema.*`` without EMA) are dropped quietly; a checkpoint that leaves model
-        weights missing is refused with a message naming the likely mismatch (e.g. an SD checkpoint for an LDM config).
+        weights missing or of another shape is refused with a message naming the likely mismatch (e.g. an SD
+        checkpoint for an LDM config).
         """
-        sd = load_state_dict(path, what="--actual_resume / ckpt_path")
         sd = {k: v for k, v in sd.items() if not any(k.startswith(prefix) for prefix in ignore_keys)}
         if not self.use_ema:
             sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
