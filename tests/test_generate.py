@@ -172,7 +172,7 @@ def test_more_bad_input_one_line_exit_2(ckpts, tmp_path, capsys):
 def test_wrong_family_message_names_both(ckpts, caplog):
     from ldm.checkpoint import CheckpointError
 
-    with pytest.raises(CheckpointError, match=r"SD v1 .* checkpoint with an LDM .* config\? pass --config configs/stable-diffusion"):
+    with pytest.raises(CheckpointError, match=r"it is an SD v1 .* checkpoint but the config builds an LDM .* model"):
         load_model_from_config(TINY_CONFIGS["ldm"], ckpts["sd"], "cpu")
     with caplog.at_level(logging.WARNING):
         model = load_model_from_config(TINY_CONFIGS["ldm"], ckpts["ldm"], "cpu")
