@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ldm.models.diffusion.sampling import DDIMSchedule, check_batch, ddim_schedule, ddim_update, guided_eps, step_scalars
+from ldm.models.diffusion.sampling import DDIMSchedule, check_batch, ddim_schedule, ddim_update, guided_eps, run_steps, step_scalars
 from ldm.modules.diffusionmodules.util import extract_into_tensor
 
 
@@ -58,29 +56,19 @@ class DDIMSampler:
         check_batch(conditioning, batch_size)
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         device = self.model.betas.device
-        size = (batch_size, *shape)
-        img = torch.randn(size, device=device, generator=generator) if x_T is None else x_T.to(device)
-        intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [img], "pred_x0": [img]}
-        time_range = np.flip(self.ddim_timesteps)
-        total = len(time_range)
-        for i, step in enumerate(tqdm(time_range, desc="DDIM Sampler", total=total, disable=not verbose)):
-            index = total - i - 1
-            ts = torch.full((batch_size,), int(step), device=device, dtype=torch.long)
+        img = torch.randn((batch_size, *shape), device=device, generator=generator) if x_T is None else x_T.to(device)
+
+        def step(x: torch.Tensor, ts: torch.Tensor, index: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
             if mask is not None:
-                img = self.model.q_sample(x0, ts) * mask + (1.0 - mask) * img
-            img, pred_x0 = self.p_sample_ddim(
-                img, conditioning, ts, index, quantize_denoised=quantize_x0, temperature=temperature,
+                x = self.model.q_sample(x0, ts) * mask + (1.0 - mask) * x
+            return self.p_sample_ddim(
+                x, conditioning, ts, index, quantize_denoised=quantize_x0, temperature=temperature,
                 noise_dropout=noise_dropout, unconditional_guidance_scale=unconditional_guidance_scale,
                 unconditional_conditioning=unconditional_conditioning, generator=generator,
             )
-            if callback is not None:
-                callback(i)
-            if img_callback is not None:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(img)
-                intermediates["pred_x0"].append(pred_x0)
-        return img, intermediates
+
+        return run_steps(step, img, self.ddim_timesteps, desc="DDIM Sampler", verbose=verbose, log_every_t=log_every_t,
+                         callback=callback, img_callback=img_callback)
 
     @torch.no_grad()
     def p_sample_ddim(
@@ -118,10 +106,9 @@ class DDIMSampler:
     @torch.no_grad()
     def decode(self, x_latent: torch.Tensor, cond: Any, t_start: int, unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Any = None) -> torch.Tensor:
         """Denoise from DDIM step ``t_start`` down to 0 (the counterpart of :meth:`stochastic_encode`)."""
-        time_range = np.flip(self.ddim_timesteps[:t_start])
-        x = x_latent
-        for i, step in enumerate(tqdm(time_range, desc="Decoding image", total=len(time_range))):
-            index = len(time_range) - i - 1
-            ts = torch.full((x.shape[0],), int(step), device=x.device, dtype=torch.long)
-            x, _ = self.p_sample_ddim(x, cond, ts, index, unconditional_guidance_scale=unconditional_guidance_scale, unconditional_conditioning=unconditional_conditioning)
+        def step(x: torch.Tensor, ts: torch.Tensor, index: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.p_sample_ddim(x, cond, ts, index, unconditional_guidance_scale=unconditional_guidance_scale,
+                                      unconditional_conditioning=unconditional_conditioning)
+
+        x, _ = run_steps(step, x_latent, self.ddim_timesteps[:t_start], desc="Decoding image")
         return x

@@ -9,10 +9,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.sampling import check_batch, ddim_update, guided_eps, plms_eps, step_scalars
+from ldm.models.diffusion.sampling import check_batch, ddim_update, guided_eps, plms_eps, run_steps, step_scalars
 
 
 class PLMSSampler(DDIMSampler):
@@ -40,32 +39,24 @@ class PLMSSampler(DDIMSampler):
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         device = self.model.betas.device
         img = torch.randn((batch_size, *shape), device=device, generator=generator) if x_T is None else x_T.to(device)
-        intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [img], "pred_x0": [img]}
         time_range = np.flip(self.ddim_timesteps)
-        total = len(time_range)
         old_eps: list[torch.Tensor] = []
 
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return guided_eps(self.model.apply_model, x, t, conditioning, unconditional_conditioning, unconditional_guidance_scale)
 
-        for i, step in enumerate(tqdm(time_range, desc="PLMS Sampler", total=total, disable=not verbose)):
-            index = total - i - 1
-            ts = torch.full((batch_size,), int(step), device=device, dtype=torch.long)
+        def step(x: torch.Tensor, ts: torch.Tensor, index: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal old_eps
             scalars = step_scalars(self.sched, index, batch_size, device)
-            e_t = eps(img, ts)
+            e_t = eps(x, ts)
             if not old_eps:
-                x_euler, _ = ddim_update(img, e_t, scalars)
-                t_next = torch.full((batch_size,), int(time_range[min(i + 1, total - 1)]), device=device, dtype=torch.long)
+                x_euler, _ = ddim_update(x, e_t, scalars)
+                t_next = torch.full_like(ts, int(time_range[min(i + 1, len(time_range) - 1)]))
                 e_prime = (e_t + eps(x_euler, t_next)) / 2
             else:
                 e_prime = plms_eps(e_t, old_eps)
-            img, pred_x0 = ddim_update(img, e_prime, scalars)
             old_eps = (old_eps + [e_t])[-3:]
-            if callback is not None:
-                callback(i)
-            if img_callback is not None:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(img)
-                intermediates["pred_x0"].append(pred_x0)
-        return img, intermediates
+            return ddim_update(x, e_prime, scalars)
+
+        return run_steps(step, img, self.ddim_timesteps, desc="PLMS Sampler", verbose=verbose, log_every_t=log_every_t,
+                         callback=callback, img_callback=img_callback)

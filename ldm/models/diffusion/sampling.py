@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 
@@ -96,3 +98,36 @@ def check_batch(conditioning: Any, batch_size: int) -> None:
     first = first[0] if isinstance(first, list) else first
     if isinstance(first, torch.Tensor) and first.shape[0] != batch_size:
         raise ValueError(f"got {first.shape[0]} conditionings but batch-size is {batch_size}")
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_steps(
+    step: StepFn,
+    x: torch.Tensor,
+    timesteps: Any,
+    *,
+    desc: str,
+    verbose: bool = True,
+    log_every_t: int = 100,
+    callback: Callable | None = None,
+    img_callback: Callable | None = None,
+) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+    """The loop both samplers share: visit ``timesteps`` from the last to the first, calling
+    ``step(x, t_batch, index, i) -> (x_prev, pred_x0)``; keep the intermediates the original logged."""
+    intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [x], "pred_x0": [x]}
+    time_range = np.flip(timesteps)
+    total = len(time_range)
+    for i, t in enumerate(tqdm(time_range, desc=desc, total=total, disable=not verbose)):
+        index = total - i - 1
+        ts = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        x, pred_x0 = step(x, ts, index, i)
+        if callback is not None:
+            callback(i)
+        if img_callback is not None:
+            img_callback(pred_x0, i)
+        if index % log_every_t == 0 or index == total - 1:
+            intermediates["x_inter"].append(x)
+            intermediates["pred_x0"].append(pred_x0)
+    return x, intermediates

@@ -97,10 +97,10 @@ class _TextEmbedder(AbstractEncoder):
         """
         cache: dict[str, torch.Tensor] = self.__dict__.setdefault("_token_cache", {})
         texts = _as_texts(texts)
+        if len(cache) > 4096:
+            cache.clear()  # before picking the new strings: rows of this batch must survive the clearing
         new = [t for t in dict.fromkeys(texts) if t not in cache]
         if new:
-            if len(cache) > 4096:
-                cache.clear()
             cache.update(zip(new, self._loaded_tokenizer().ids(new, self.max_length)))
         return torch.stack([cache[t] for t in texts])
 
