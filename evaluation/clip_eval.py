@@ -26,6 +26,12 @@ from ldm.train.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+# the openai ``clip`` package's model names (as the original passed them) and their hub ids
+OPENAI_CLIP_NAMES = {
+    "ViT-B/32": "openai/clip-vit-base-patch32",
+    "ViT-B/16": "openai/clip-vit-base-patch16",
+    "ViT-L/14": "openai/clip-vit-large-patch14",
+}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BATCH_SIZE = 8
@@ -41,6 +47,7 @@ def _features(output: Any) -> torch.Tensor:
 def load_clip_model(clip_model: str | os.PathLike) -> Any:
     from transformers import CLIPModel
 
+    clip_model = OPENAI_CLIP_NAMES.get(str(clip_model), clip_model)
     try:
         return CLIPModel.from_pretrained(str(clip_model))
     except (OSError, ValueError) as err:
@@ -58,7 +65,7 @@ class CLIPEvaluator:
 
         self.device = torch.device(device)
         self.model = load_clip_model(clip_model).float().to(self.device).eval()
-        self.tokenizer = load_clip_tokenizer(str(clip_model))
+        self.tokenizer = load_clip_tokenizer(str(OPENAI_CLIP_NAMES.get(str(clip_model), clip_model)))
         self.image_size = int(self.model.config.vision_config.image_size)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
         self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
