@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from ldm.data.images import list_image_files, validate_image_folder
 from ldm.train.callbacks import AtomicCheckpointIO, EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
-from ldm.train.cli import get_parser, load_configs, parse_gpus, resolve_run, split_unknown
+from ldm.train.cli import count_devices, get_parser, load_configs, parse_devices, resolve_run, split_unknown
 from ldm.train.data import DataModuleFromConfig
 from ldm.train.errors import ConfigError, run_cli
 from ldm.util import instantiate_from_config
@@ -37,10 +37,10 @@ logger = logging.getLogger("main")
 def trainer_settings(opt: Any, extra: dict[str, Any], lightning_config: Any) -> tuple[dict[str, Any], int]:
     """Trainer keyword arguments (config, then command line) and the number of devices for the learning rate."""
     settings = dict(OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True))
-    devices, ngpu = parse_gpus(opt.gpus)
-    if devices is not None:
+    if opt.gpus is not None and str(opt.gpus).strip():
+        devices = parse_devices(opt.gpus)
         settings.update(accelerator="gpu", devices=devices)
-        if ngpu > 1:
+        if count_devices(devices) > 1:
             settings.setdefault("strategy", "ddp")
     for key in ("accelerator", "devices", "strategy", "num_nodes", "max_steps", "max_epochs", "accumulate_grad_batches", "precision",
                 "check_val_every_n_epoch", "limit_val_batches", "log_every_n_steps"):
@@ -52,19 +52,6 @@ def trainer_settings(opt: Any, extra: dict[str, Any], lightning_config: Any) -> 
     if settings["max_steps"] in (-1, None) and settings.get("max_epochs") is None:
         raise ConfigError("the config sets no max_steps (the style configs do not); pass --max_steps N, e.g. --max_steps 5000")
     return settings, count_devices(settings.get("devices", 1))
-
-
-def parse_devices(value: str) -> Any:
-    text = str(value).strip()
-    if "," in text:
-        return [int(v) for v in text.split(",") if v.strip()]
-    return "auto" if text == "auto" else int(text)
-
-
-def count_devices(devices: Any) -> int:
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    return devices if isinstance(devices, int) and devices > 0 else 1
 
 
 def personalize(config: Any, opt: Any) -> None:

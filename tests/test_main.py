@@ -171,3 +171,10 @@ def test_bf16_mixed_precision_on_cpu(workspace):
     emb = read_embedding(newest_run(workspace) / "checkpoints" / "embeddings.pt")
     assert emb["string_to_param"]["*"].dtype == torch.float32
     assert torch.isfinite(emb["string_to_param"]["*"]).all()
+
+
+@pytest.mark.parametrize("value,devices,count", [("0,", [0], 1), ("0,3,7,8", [0, 3, 7, 8], 4), ("2", 2, 2), (" 1 ", 1, 1)])
+def test_gpus_accepts_lists_and_counts(value, devices, count):
+    from ldm.train.cli import count_devices, parse_devices
+
+    assert parse_devices(value) == devices and count_devices(parse_devices(value)) == count

@@ -162,13 +162,16 @@ def resolve_run(opt: argparse.Namespace) -> RunPaths:
     return RunPaths(logdir.name, now, logdir, logdir / "checkpoints", logdir / "configs", None, [])
 
 
-def parse_gpus(gpus: str | None) -> tuple[Any, int]:
-    """(devices for the Trainer, number of GPUs): "0," -> [0], "0,3" -> [0, 3], "2" -> 2."""
-    if gpus is None or str(gpus).strip() == "":
-        return None, 0
-    text = str(gpus).strip()
+def parse_devices(value: str | int) -> Any:
+    """A Trainer ``devices`` value from the command line: "0," / "0,3" -> [0] / [0, 3], "2" -> 2, "auto"."""
+    text = str(value).strip()
     if "," in text:
-        ids = [int(g) for g in text.split(",") if g.strip()]
-        return ids, len(ids)
-    count = int(text)
-    return count, count
+        return [int(v) for v in text.split(",") if v.strip()]
+    return "auto" if text == "auto" else int(text)
+
+
+def count_devices(devices: Any) -> int:
+    """How many devices a Trainer ``devices`` value means (for the learning-rate scaling)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    return devices if isinstance(devices, int) and devices > 0 else 1
