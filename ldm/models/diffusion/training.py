@@ -30,8 +30,16 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last finite embedding has been kept."""
 
 
+FINITE_CHECK_EVERY = 50  # steps between the host synchronisations that look at the non-finite flag
+
+
 class DDPMTrainingMixin:
-    """Upstream LDM training: loss on a batch, logging, EMA update, AdamW over the trainable weights."""
+    """Upstream LDM training: loss on a batch, logging, EMA update, AdamW over the trainable weights.
+
+    A NaN or infinite loss is handled without a host synchronisation per step: the step's gradients are zeroed on the
+    device (so the weights, e.g. the learned embedding, stay finite), a flag remembers it, and the flag is read every
+    ``FINITE_CHECK_EVERY`` steps and at the end of training, which then stops with :class:`NonFiniteLossError`.
+    """
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         x = self.get_input(batch, self.first_stage_key)
@@ -39,7 +47,7 @@ class DDPMTrainingMixin:
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, loss_dict = self.shared_step(batch)
-        self.check_finite(loss)
+        self.track_finite(loss)
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=self.batch_size_of(batch))
         self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
         return loss
@@ -58,13 +66,35 @@ class DDPMTrainingMixin:
         if self.use_ema:
             self.model_ema(self.model)
 
-    def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop on a NaN/inf loss (one host sync per step; the loss is logged anyway)."""
-        if not math.isfinite(float(loss.detach())):
+    def track_finite(self, loss: torch.Tensor) -> None:
+        """Record, on the device, whether this step's loss is finite; look at the record every few steps."""
+        ok = torch.isfinite(loss.detach())
+        self.__dict__["_step_finite"] = ok
+        seen = self.__dict__.get("_all_finite")
+        self.__dict__["_all_finite"] = ok if seen is None else seen & ok
+        if self.global_step % FINITE_CHECK_EVERY == 0:
+            self.raise_if_nonfinite()
+
+    def raise_if_nonfinite(self) -> None:
+        seen = self.__dict__.get("_all_finite")
+        if seen is not None and not bool(seen):
             raise NonFiniteLossError(
-                f"the loss became {float(loss.detach())} at step {self.global_step}; lower the learning rate or use "
-                "--precision 32 (the last finite embedding was kept)"
+                f"the loss became NaN or infinite (by step {self.global_step}); lower the learning rate or use "
+                "--precision 32 (the embedding kept is the last finite one)"
             )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the gradients of a step whose loss was not finite, so no weight becomes NaN (no host sync)."""
+        ok = self.__dict__.get("_step_finite")
+        if ok is None:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0).mul_(ok)
+
+    def on_train_end(self) -> None:
+        self.raise_if_nonfinite()
 
     @staticmethod
     def batch_size_of(batch: dict) -> int:
