@@ -85,7 +85,8 @@ def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, re
     callbacks: list[pl.Callback] = [
         SetupCallback(resume, run.now, str(run.logdir), str(run.ckptdir), str(run.cfgdir), config, lightning_config),
         pl.callbacks.LearningRateMonitor(logging_interval="step"),
-        pl.callbacks.TQDMProgressBar(),
+        # each refresh reads the logged losses back from the device: on a GPU, refresh every 10 steps
+        pl.callbacks.TQDMProgressBar(refresh_rate=10 if lightning_config.trainer.get("accelerator") in ("gpu", "cuda") else 1),
         EmbeddingRescue(str(run.ckptdir)),
         LossCurve(),
     ]
