@@ -1,5 +1,8 @@
 """The judge of the shapes world: what an image shows, read back exactly enough to score a model.
 
+Everything is read from the 2x2 box average of the image, so pixel-level noise does not decide a colour (a model
+with a space-to-depth first stage makes such noise periodic: a faint checkerboard).
+
 * background: the palette colour (:data:`ldm.data.shapes.BACKGROUNDS`) nearest to the median of the border ring;
 * foreground mask: pixels whose distance to that border colour exceeds half the image's largest such distance;
 * colour: the palette colour (:data:`ldm.data.shapes.COLOURS`) nearest to the median of the mask's core (pixels
@@ -73,9 +76,15 @@ def mask_features(mask: np.ndarray) -> np.ndarray:
     return np.concatenate([small.ravel(), [fill, height / width, 1.0]]).astype(np.float32)
 
 
+def box2(pixels: np.ndarray) -> np.ndarray:
+    """The mean of every 2x2 block of pixels (stride 1: ``[H-1, W-1, C]``), float32."""
+    rgb = pixels.astype(np.float32)
+    return (rgb[:-1, :-1] + rgb[1:, :-1] + rgb[:-1, 1:] + rgb[1:, 1:]) / 4.0
+
+
 def _analyse(pixels: np.ndarray) -> tuple[str, str | None, np.ndarray | None]:
     """Background name, colour name (None if empty) and the soft foreground mask (None if empty)."""
-    rgb = pixels.astype(np.float32)
+    rgb = box2(pixels)
     back = np.median(_border(rgb), axis=0)
     background = _nearest(back, _BACKGROUND_TABLE, _BACKGROUND_NAMES)
     dist = np.sqrt(((rgb - back) ** 2).sum(axis=-1))

@@ -1,0 +1,129 @@
+"""The shapes world end to end on the CPU: generator, judge, the shipped model, a short inversion, the evaluator."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.data.shapes import HELD_OUT, ShapesDataset, write_concept_folders
+from ldm.data.shapes_judge import generator_accuracy, judge
+from ldm.util import instantiate_from_config
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "shapes" / "model.ckpt"
+INFERENCE = REPO / "configs" / "shapes" / "shapes-ldm-inference.yaml"
+FINETUNE = REPO / "configs" / "shapes" / "shapes-ldm-finetune.yaml"
+CONCEPT = REPO / "models" / "shapes" / "concepts" / "orange_cross"
+INVERSION_STEPS = 40
+
+
+def test_generator_is_deterministic_and_holds_out_the_orange_cross():
+    a, b = ShapesDataset(length=200, seed=3), ShapesDataset(length=200, seed=3)
+    for i in (0, 17, 199):
+        assert a[i]["caption"] == b[i]["caption"]
+        assert np.array_equal(a[i]["image"], b[i]["image"])
+    item = a[5]
+    assert item["image"].dtype == np.float32 and item["image"].shape == (32, 32, 3)
+    assert -1.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert not np.array_equal(ShapesDataset(length=10, seed=4)[0]["image"], a[0]["image"])
+    scenes = [a.scene(i)[0] for i in range(200)]
+    assert not any((s.colour, s.shape) in HELD_OUT for s in scenes)
+    empty = sum(ShapesDataset(length=400, seed=1)[i]["caption"] == "" for i in range(400))
+    assert 20 <= empty <= 65  # 10% caption dropout
+
+
+def test_concept_folders_are_what_they_say(tmp_path):
+    folders = write_concept_folders(tmp_path, n=5)
+    from PIL import Image
+
+    for path in folders["orange_cross"]:
+        got = judge(np.asarray(Image.open(path)))
+        assert (got.shape, got.colour) == ("cross", "orange")
+    assert all(judge(np.asarray(Image.open(p))).background == "pink" for p in folders["pink_background"])
+
+
+def test_judge_is_at_least_99_percent_per_attribute_on_fresh_images():
+    for degrade in (False, True):
+        accuracy = generator_accuracy(300, seed=21, degrade=degrade)
+        assert min(accuracy.values()) >= 0.99, accuracy
+    assert judge(np.full((32, 32, 3), 128, np.uint8)).shape == "none"
+
+
+def test_shipped_model_loads_through_the_real_code_path():
+    config = OmegaConf.load(INFERENCE)
+    model = instantiate_from_config(config.model)
+    checkpoint = torch.load(MODEL, map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert not unexpected
+    assert all(k.startswith("embedding_manager.") for k in missing), missing
+    assert MODEL.stat().st_size < 16 * 2**20
+
+
+@pytest.fixture(scope="module")
+def inversion_run(tmp_path_factory) -> Path:
+    """A short inversion of the orange cross by main.py (the README's command, fewer steps)."""
+    logdir = tmp_path_factory.mktemp("runs")
+    cmd = [
+        sys.executable, "main.py", "--base", str(FINETUNE), "-t", "--actual_resume", str(MODEL), "-n", "test",
+        "--data_root", str(CONCEPT), "--init_word", "shape", "--max_steps", str(INVERSION_STEPS), "-l", str(logdir),
+        "lightning.callbacks.image_logger.params.disabled=true",
+        f"lightning.modelcheckpoint.params.every_n_train_steps={INVERSION_STEPS}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = list(logdir.iterdir())
+    return run
+
+
+def _concept_loss(model, vectors: torch.Tensor, n: int = 64) -> float:
+    """Mean diffusion loss of the concept images under ``vectors`` for ``*``, on fixed timesteps and noise."""
+    from ldm.data.personalized import PersonalizedBase
+
+    data = PersonalizedBase(CONCEPT, size=32, set="train", repeats=1)
+    x = torch.tensor(np.stack([data.get_image(i % data.num_images, False) for i in range(n)])).permute(0, 3, 1, 2)
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randint(0, model.num_timesteps, (n,), generator=gen)
+    noise = torch.randn(n, model.channels, model.image_size, model.image_size, generator=gen)
+    with torch.no_grad():
+        model.embedding_manager.string_to_param_dict["*"].data.copy_(vectors)
+        z = model.get_first_stage_encoding(model.encode_first_stage(x))
+        cond = model.get_learned_conditioning(["a photo of a *"] * n)
+        pred = model.apply_model(model.q_sample(z, t, noise), t, cond)
+    return float(((pred - noise) ** 2).mean())
+
+
+def test_short_inversion_moves_the_embedding_and_lowers_the_loss(inversion_run):
+    from ldm.inference import load_model_from_config
+
+    embedding = torch.load(inversion_run / "checkpoints" / "embeddings.pt", weights_only=True)
+    learned = embedding["string_to_param"]["*"].float()
+    model = load_model_from_config(INFERENCE, MODEL, "cpu", embedding_path=inversion_run / "checkpoints" / "embeddings.pt")
+    embedder = model.cond_stage_model
+    init = embedder.token_embedding.weight[embedder.content_token_ids("shape")].detach().float()
+    assert (learned - init).norm() > 0.05
+    assert _concept_loss(model, learned) < _concept_loss(model, init)
+
+
+def test_evaluator_returns_shares_in_range(inversion_run, tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from evaluate_model import main
+
+    results = main([
+        "--embedding_path", str(inversion_run / "checkpoints" / "embeddings.pt"), "--n_samples", "4",
+        "--ddim_steps", "4", "--screen_samples", "2", "--base_samples", "4", "--outdir", str(tmp_path),
+    ])
+    rows = results["learned"] + results["baselines"]
+    assert len(rows) == 5
+    for row in rows:
+        assert 0.0 <= row["reconstruction"] <= 1.0 and 0.0 <= row["editability"] <= 1.0
+    assert 0.0 <= results["base_model"]["all"] <= 1.0
+    assert json.loads((tmp_path / "judge_results.json").read_text())["learned"][0]["text"] == "*"
+    assert (tmp_path / "reconstruction_vs_editability.png").stat().st_size > 0
