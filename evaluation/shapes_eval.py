@@ -127,15 +127,32 @@ class ShapesJudgeEvaluator:
         return result
 
 
-def evaluate_embedding(evaluator: ShapesJudgeEvaluator, init_word: str = "shape", screen_samples: int = 16,
-                       placeholder: str = "*") -> list[WordScores]:
-    """The placeholder's scores and the baselines': init word, "orange cross", "orange shape", best single word."""
-    rows = [evaluator.word_scores(f"learned '{placeholder}'", placeholder)]
-    baselines = [("init word", init_word), ("words 'orange cross'", "orange cross"), ("two words 'orange shape'", "orange shape")]
+def baseline_scores(evaluator: ShapesJudgeEvaluator, init_word: str = "shape", screen_samples: int = 16) -> list[WordScores]:
+    """The word baselines: the init word, "orange cross", "orange shape", and the best single word."""
+    baselines = [(f"init word '{init_word}'", init_word), ("words 'orange cross'", "orange cross"),
+                 ("two words 'orange shape'", "orange shape")]
     best, _ = evaluator.best_single_word(n=screen_samples)
     baselines.append((f"best single word '{best}'", best))
-    rows.extend(evaluator.word_scores(name, text) for name, text in baselines)
-    return rows
+    return [evaluator.word_scores(name, text) for name, text in baselines]
+
+
+def save_grid(evaluator: ShapesJudgeEvaluator, prompts: Sequence[str], path: str | Path, n: int = 8,
+              concept_images: Sequence[np.ndarray] = (), zoom: int = 3) -> Path:
+    """One row of ``n`` samples per prompt (the concept images, if given, as a first row), upscaled ``zoom`` x."""
+    from PIL import Image
+
+    side = evaluator.side
+    rows = []
+    if len(concept_images):
+        first = list(concept_images)[:n] + [np.zeros((side, side, 3), np.uint8)] * max(0, n - len(concept_images))
+        rows.append(np.concatenate(first, axis=1))
+    samples = evaluator.images([p for p in prompts for _ in range(n)])
+    rows.extend(np.concatenate(list(samples[k * n : (k + 1) * n]), axis=1) for k in range(len(prompts)))
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST).save(path)
+    return path
 
 
 def save_plot(points: dict[str, WordScores], path: str | Path) -> Path:

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base_samples", type=int, default=0, help="judge mode: samples of named combinations (0: skip)")
     p.add_argument("--screen_samples", type=int, default=16, help="judge mode: samples per word when picking the best single word")
     p.add_argument("--no_baselines", action="store_true", help="judge mode: score only the learned word(s)")
+    p.add_argument("--grid", help="judge mode: also write a picture grid (concept images from this folder, then "
+                   "'a photo of a *' and its edits) as grid.png")
     p.add_argument("--outdir", default="outputs/evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data_root", help="clip mode: folder of the concept's images")
@@ -67,9 +69,11 @@ def parse_embeddings(specs: list[str]) -> list[tuple[str, str]]:
 def run_judge(opt: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from evaluation.shapes_eval import SampleSettings, ShapesJudgeEvaluator, as_dict, evaluate_embedding, save_plot
+    from evaluation.shapes_eval import SampleSettings, ShapesJudgeEvaluator, as_dict, baseline_scores, save_plot
     from ldm.inference import load_model_from_config
 
+    outdir = Path(opt.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
     embeddings = parse_embeddings(opt.embedding_path)
     first = embeddings[0][1] if embeddings else None
     model = load_model_from_config(opt.config, opt.ckpt, opt.device, embedding_path=first)
@@ -90,19 +94,31 @@ def run_judge(opt: argparse.Namespace) -> dict:
                 entry["two_concepts"] = evaluator.two_concepts("&")
             learned.append(entry)
             points[label] = scores
+            if opt.grid and not k:
+                results["grid"] = str(write_grid(evaluator, opt.grid, outdir / "grid.png"))
         results["learned"] = learned
         if embeddings and not opt.no_baselines:
-            rows = evaluate_embedding(evaluator, opt.init_word, opt.screen_samples)[1:]
+            rows = baseline_scores(evaluator, opt.init_word, opt.screen_samples)
             results["baselines"] = as_dict(rows)
             points.update({row.text: row for row in rows})
-    outdir = Path(opt.outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     if points:
         results["plot"] = str(save_plot(points, outdir / "reconstruction_vs_editability.png"))
     (outdir / "judge_results.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     print(f"results: {outdir / 'judge_results.json'}" + (f"  plot: {results['plot']}" if "plot" in results else ""))
     return results
+
+
+def write_grid(evaluator, concept_dir: str, path: Path) -> Path:
+    """Concept images, then rows of "a photo of a *", "... on a blue background", "... on a green background"."""
+    import numpy as np
+
+    from evaluation.shapes_eval import EDIT_BACKGROUNDS, TEMPLATE, edit_prompt, save_grid
+    from ldm.data.images import iter_readable_images
+
+    concept = [np.asarray(img.resize((evaluator.side, evaluator.side))) for _, img in iter_readable_images(concept_dir)]
+    prompts = [TEMPLATE.format("*")] + [edit_prompt("*", b) for b in EDIT_BACKGROUNDS]
+    return save_grid(evaluator, prompts, path, concept_images=concept)
 
 
 def print_table(results: dict) -> None:

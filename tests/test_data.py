@@ -224,6 +224,15 @@ def test_coarse_class_text_prefixes_the_placeholder(folder: Path) -> None:
     assert all(dataset.sample_caption(i) in expected for i in range(50))
 
 
+def test_templates_from_the_config_replace_the_object_templates(folder: Path) -> None:
+    own = ["a photo of a shape on a {} background", "a rendering of a shape on a {} background"]
+    dataset = PersonalizedBase(folder, size=8, placeholder_token="&", templates=own)
+    assert {dataset.sample_caption(i) for i in range(50)} == {t.format("&") for t in own}
+    for bad in ([], ["no placeholder"], ["{} and {}"]):
+        with pytest.raises(personalized.TemplateError, match="templates"):
+            PersonalizedBase(folder, size=8, templates=bad)
+
+
 def test_per_image_tokens_use_dual_templates(folder: Path) -> None:
     dataset = PersonalizedBase(folder, size=8, per_image_tokens=True, mixing_prob=1.0)
     for i in range(9):

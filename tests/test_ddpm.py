@@ -61,3 +61,32 @@ def test_wrong_family_checkpoint_is_refused(monkeypatch):
     monkeypatch.setattr("ldm.models.diffusion.ddpm.load_state_dict", lambda *a, **k: dict(sd))
     with pytest.raises(CheckpointError, match="SD v1 .* checkpoint but the config builds an LDM"):
         model.init_from_ckpt("sd.ckpt")
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
+def test_samplers_follow_the_parameterization(parameterization):
+    """An oracle for a one-point data distribution, in each parameterization: DDIM and PLMS land on the point."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.models.diffusion.plms import PLMSSampler
+
+    config = OmegaConf.load(REPO / "configs" / "shapes" / "shapes-ldm-train-continue.yaml")
+    config.model.params.parameterization = parameterization
+    config.model.params.use_ema = False
+    model = instantiate_from_config(config.model)
+    point = torch.rand(1, 12, 16, 16, generator=torch.Generator().manual_seed(0)) - 0.5
+
+    def oracle(x_t, t, cond):
+        a = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0 = point.expand_as(x_t)
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return {"eps": eps, "x0": x0, "v": model.get_v(x0, eps, t)}[parameterization]
+
+    model.apply_model = oracle
+    t = torch.tensor([0, 500, 999])
+    noise = torch.randn(3, 12, 16, 16)
+    x_t = model.q_sample(point.expand(3, -1, -1, -1), t, noise)
+    assert torch.allclose(model.eps_from_output(x_t, t, oracle(x_t, t, None)), noise, atol=2e-4)
+    for sampler in (DDIMSampler, PLMSSampler):
+        samples, steps = sampler(model).sample(10, 2, (12, 16, 16), conditioning=torch.zeros(2, 4, 64), verbose=False)
+        assert torch.allclose(steps["pred_x0"][-1], point.expand(2, -1, -1, -1), atol=1e-3)
+        assert (samples - point).abs().max() < 0.2  # x at t = 0 keeps sqrt(1 - abar_0) ~ 0.03 of its noise

@@ -66,6 +66,17 @@ def test_shipped_model_loads_through_the_real_code_path():
     assert MODEL.stat().st_size < 16 * 2**20
 
 
+def test_training_continues_from_the_exported_model_with_its_ema_starting_there():
+    config = OmegaConf.load(REPO / "configs" / "shapes" / "shapes-ldm-train-continue.yaml")
+    config.model.params.ckpt_path = str(MODEL)
+    model = instantiate_from_config(config.model)
+    assert model.use_ema
+    shadow = dict(model.model_ema.named_buffers())
+    for name, p in model.model.named_parameters():
+        assert torch.equal(shadow[model.model_ema.m_name2s_name[name]], p.detach())
+    assert int(model.model_ema.num_updates) == 0
+
+
 @pytest.fixture(scope="module")
 def inversion_run(tmp_path_factory) -> Path:
     """A short inversion of the orange cross by main.py (the README's command, fewer steps)."""

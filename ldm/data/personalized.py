@@ -196,10 +196,16 @@ def to_model_range(pixels: np.ndarray) -> np.ndarray:
     return (pixels / 127.5 - 1.0).astype(np.float32)
 
 
+class TemplateError(ValueError):
+    """A caption template list a dataset cannot use (one line, for the command's error report)."""
+
+
 class TemplateCaptionDataset(Dataset):
     """Images of one folder, each decoded and resized once, served with template captions and random flips.
 
-    Subclasses choose the caption lists through the class attributes ``templates`` and ``dual_templates``.
+    Subclasses choose the caption lists through the class attributes ``templates`` and ``dual_templates``; a config
+    may replace the first with its own list (``templates``, each with one ``{}`` for the placeholder), e.g. to learn
+    a word for a background ("a photo of a shape on a {} background") rather than an object.
     """
 
     templates: Sequence[str]
@@ -218,7 +224,13 @@ class TemplateCaptionDataset(Dataset):
         center_crop: bool = False,
         mixing_prob: float = 0.25,
         coarse_class_text: str | None = None,
+        templates: Sequence[str] | None = None,
     ) -> None:
+        if templates is not None:
+            bad = [t for t in templates if t.count("{}") != 1]
+            if bad or not templates:
+                raise TemplateError(f"templates: each needs exactly one '{{}}' for the placeholder, got {bad or 'none'}")
+            self.templates = list(templates)
         self.data_root = Path(data_root)
         self.size = size
         self.interpolation = resample_filter(interpolation)

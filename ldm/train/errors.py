@@ -8,6 +8,7 @@ from typing import Any
 
 from ldm.checkpoint import CheckpointError
 from ldm.data.images import DataRootError, ImageLoadError
+from ldm.data.personalized import TemplateError
 from ldm.models.diffusion.training import NonFiniteLossError
 from ldm.modules.embedding_manager import EmbeddingFileError, PlaceholderError
 
@@ -26,6 +27,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     EmbeddingFileError,
     PlaceholderError,
     NonFiniteLossError,
+    TemplateError,
 )
 
 

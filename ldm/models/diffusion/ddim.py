@@ -21,6 +21,10 @@ class DDIMSampler:
         self.schedule = schedule
         self.sched: DDIMSchedule | None = None
 
+    def model_eps(self, x: torch.Tensor, t: torch.Tensor, c: Any) -> torch.Tensor:
+        """The model's noise prediction (converted from a v or x0 output; guidance is linear, so before or after)."""
+        return self.model.eps_from_output(x, t, self.model.apply_model(x, t, c))
+
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0, verbose: bool = True) -> None:
         self.sched = ddim_schedule(self.model.alphas_cumprod, ddim_num_steps, ddim_eta, ddim_discretize, verbose=False)
         self.ddim_timesteps = self.sched.timesteps
@@ -84,7 +88,7 @@ class DDIMSampler:
         unconditional_conditioning: Any = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        e_t = guided_eps(self.model.apply_model, x, t, c, unconditional_conditioning, unconditional_guidance_scale)
+        e_t = guided_eps(self.model_eps, x, t, c, unconditional_conditioning, unconditional_guidance_scale)
         scalars = step_scalars(self.sched, index, x.shape[0], x.device)
         # drawn even when sigma is 0, as the original does, so a seed gives the original's images
         noise = torch.randn(x.shape, device=x.device, generator=generator) * temperature

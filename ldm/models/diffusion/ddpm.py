@@ -124,8 +124,8 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
         logvar_init: float = 0.0,
     ) -> None:
         super().__init__()
-        if parameterization not in ("eps", "x0"):
-            raise ValueError('currently only supporting "eps" and "x0"')
+        if parameterization not in ("eps", "x0", "v"):
+            raise ValueError(f'parameterization must be "eps", "x0" or "v", not "{parameterization}"')
         self.parameterization = parameterization
         self.cond_stage_model = None
         self.clip_denoised = clip_denoised
@@ -205,9 +205,10 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
     ) -> tuple[list[str], list[str]]:
         """Load pretrained weights non-strictly (as the original); returns (missing, unexpected) keys.
 
-        Keys a config does not use (``model_ema.*`` without EMA) are dropped quietly; a checkpoint that leaves model
-        weights missing or of another shape is refused with a message naming the likely mismatch (e.g. an SD
-        checkpoint for an LDM config).
+        Keys a config does not use (``model_ema.*`` without EMA) are dropped quietly; with EMA, a checkpoint without
+        ``model_ema.*`` (an exported model to train further) starts the average from its weights. A checkpoint that
+        leaves model weights missing or of another shape is refused with a message naming the likely mismatch (e.g.
+        an SD checkpoint for an LDM config).
         """
         sd = {k: v for k, v in sd.items() if not any(k.startswith(prefix) for prefix in ignore_keys)}
         if not self.use_ema:
@@ -220,6 +221,11 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
             raise CheckpointError(describe_mismatch(path, mismatched, "have the wrong shape", have, want))
         missing, unexpected = target.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith("embedding_manager.")]
+        if self.use_ema and not only_model and not any(k.startswith("model_ema.") for k in sd):
+            # weights without an EMA copy (an exported model): the average starts from the loaded weights
+            self.model_ema = LitEma(self.model).to(next(self.model.parameters()).device)
+            missing = [k for k in missing if not k.startswith("model_ema.")]
+            logger.info("%s has no EMA weights: the EMA starts from the loaded weights", path)
         if missing:
             raise CheckpointError(describe_mismatch(path, missing, "are missing", have, want))
         logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
@@ -239,6 +245,30 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
             - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
         )
 
+    def get_v(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The v target (Salimans & Ho 2022): v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0."""
+        return (
+            extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * noise
+            - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * x_start
+        )
+
+    def eps_from_output(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The noise prediction implied by the model's output, whatever its parameterization (what samplers use).
+
+        v and x0 models avoid the eps model's weakness at the last, almost pure-noise steps, where x_0 = (x_t -
+        sqrt(1 - abar) eps) / sqrt(abar) multiplies every error of a small model's eps by up to 1 / sqrt(abar).
+        """
+        if self.parameterization == "eps":
+            return output
+        if self.parameterization == "v":
+            return (
+                extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * output
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
+            )
+        return (
+            extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - output
+        ) / extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
         if self.loss_type == "l1":
             loss = (target - pred).abs()
@@ -251,7 +281,12 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
     def loss_from_prediction(self, model_output: torch.Tensor, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The original's loss: per-sample MSE, weighted by the (fixed) logvar, plus the weighted VLB term."""
         prefix = "train" if self.training else "val"
-        target = noise if self.parameterization == "eps" else x_start
+        if self.parameterization == "eps":
+            target = noise
+        elif self.parameterization == "x0":
+            target = x_start
+        else:
+            target = self.get_v(x_start, noise, t)
         per_sample = self.get_loss(model_output, target, mean=False).mean(dim=[1, 2, 3])
         loss_dict = {f"{prefix}/loss_simple": per_sample.mean()}
         logvar_t = self.logvar.to(per_sample.device)[t]

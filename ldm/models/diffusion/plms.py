@@ -43,7 +43,7 @@ class PLMSSampler(DDIMSampler):
         old_eps: list[torch.Tensor] = []
 
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return guided_eps(self.model.apply_model, x, t, conditioning, unconditional_conditioning, unconditional_guidance_scale)
+            return guided_eps(self.model_eps, x, t, conditioning, unconditional_conditioning, unconditional_guidance_scale)
 
         def step(x: torch.Tensor, ts: torch.Tensor, index: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
             nonlocal old_eps

@@ -71,7 +71,9 @@ def lvlb_weights(buffers: dict[str, torch.Tensor], alphas: np.ndarray, parameter
     elif parameterization == "x0":
         ac = torch.tensor(buffers["alphas_cumprod"].numpy(), dtype=torch.float32)
         w = 0.5 * torch.sqrt(ac) / (2.0 * 1 - ac)
+    elif parameterization == "v":  # as SD 2's code: the bound's weights are not defined for v, use ones
+        w = torch.ones_like(buffers["betas"], dtype=torch.float32)
     else:
-        raise NotImplementedError(f"parameterization '{parameterization}' is not supported (eps or x0)")
+        raise NotImplementedError(f"parameterization '{parameterization}' is not supported (eps, x0 or v)")
     w[0] = w[1]  # the posterior variance is 0 at t = 0: reuse t = 1
     return w
