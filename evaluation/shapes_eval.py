@@ -7,6 +7,8 @@ from a fixed seed, and every sample is read by :mod:`ldm.data.shapes_judge`:
 * editability: share of ``"a photo of a {word} on a {blue|green} background"`` judged an orange cross on the asked
   background (the mean over the two backgrounds);
 * two concepts: share of ``"a photo of a * on a & background"`` judged an orange cross on pink;
+* the background concept alone: share of ``"a photo of a {colour} {shape} on a & background"`` drawn on pink,
+  against the same prompts with the background left unmentioned (no word names pink);
 * base model: for random named combinations ``"a photo of a {colour} {shape} on a {background} background"``, the
   share of samples whose three attributes all agree with the prompt (and each attribute alone).
 
@@ -109,6 +111,18 @@ class ShapesJudgeEvaluator:
     def two_concepts(self, second: str = "&") -> float:
         """Share of ``"a photo of a * on a & background"`` judged an orange cross on the pink background."""
         return self.share(f"{TEMPLATE.format('*')} on a {second} background", background=UNNAMED_BACKGROUND)
+
+    def background_share(self, phrase: str, n: int | None = None, seed: int = 1) -> float:
+        """Share of ``"a photo of a {colour} {shape}{phrase}"`` (random named objects) drawn on the pink background.
+
+        ``phrase`` is e.g. ``" on a & background"`` for a learned background word, or ``""`` for the best words can
+        do (no word names pink; an unmentioned background is pink only part of the time).
+        """
+        rng = np.random.default_rng(seed)
+        objects = [(sh, c) for sh in SHAPES for c in COLOURS if allowed(sh, c, UNNAMED_BACKGROUND)]
+        picks = [objects[k] for k in rng.integers(len(objects), size=n or self.settings.n_samples)]
+        got = judge_batch(self.images([f"{TEMPLATE.format(f'{c} {sh}')}{phrase}" for sh, c in picks]))
+        return float(np.mean([j.background == UNNAMED_BACKGROUND for j in got]))
 
     def base_accuracy(self, n: int, seed: int = 0) -> dict[str, Any]:
         """Prompt accuracy on ``n`` random named combinations (one sample each; held-out pairs excluded)."""

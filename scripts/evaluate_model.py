@@ -92,6 +92,8 @@ def run_judge(opt: argparse.Namespace) -> dict:
             entry = {"label": label, "path": path, **as_dict([scores])[0]}
             if "&" in model.embedding_manager.string_to_token_dict:
                 entry["two_concepts"] = evaluator.two_concepts("&")
+                entry["pink_background"] = {"learned '&'": evaluator.background_share(" on a & background"),
+                                            "background unmentioned": evaluator.background_share("")}
             learned.append(entry)
             points[label] = scores
             if opt.grid and not k:
@@ -136,6 +138,9 @@ def print_table(results: dict) -> None:
     for row in results.get("learned", []):
         if "two_concepts" in row:
             print(f"two concepts 'a photo of a * on a & background' ({row['label']}): {row['two_concepts']:.1%}")
+        if "pink_background" in row:
+            shares = ", ".join(f"{k} {v:.1%}" for k, v in row["pink_background"].items())
+            print(f"pink background for 'a photo of a <colour> <shape> on a & background': {shares}")
 
 
 def run_clip(opt: argparse.Namespace) -> dict:

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# The README's first command: set up, learn a word for the orange cross with the seed's own command line on the
-# shipped shapes model (CPU, a few minutes), then draw "a photo of *" and say where everything is.
+# The README's first command, on a fresh clone: set up, learn a word for the orange cross (never seen by the model)
+# with the seed's own command line on the shipped shapes model (CPU, a few minutes), draw "a photo of *" and its
+# edits, and say where everything is. The second command of the README runs the tests in the same environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d .venv ] || python3 -m venv .venv
 . .venv/bin/activate
-pip install -q -e .
+echo "installing (pip install -e \".[test]\") ..."
+pip install -q -e ".[test]"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 logdir=logs/quickstart
 python main.py --base configs/shapes/shapes-ldm-finetune.yaml -t --actual_resume models/shapes/model.ckpt \
     -n orange_cross --data_root models/shapes/concepts/orange_cross --init_word shape --accelerator cpu -l "$logdir"
 run=$(ls -td "$logdir"/*_orange_cross | head -n 1)
-python scripts/txt2img.py --config configs/shapes/shapes-ldm-inference.yaml --ckpt_path models/shapes/model.ckpt \
-    --embedding_path "$run/checkpoints/embeddings.pt" --prompt "a photo of *" --n_samples 8 --n_iter 2 \
-    --ddim_steps 20 --scale 3 --H 32 --W 32 --outdir "$run/samples"
+for prompt in "a photo of *" "a photo of * on a blue background" "a photo of * on a green background"; do
+    python scripts/txt2img.py --config configs/shapes/shapes-ldm-inference.yaml --ckpt_path models/shapes/model.ckpt \
+        --embedding_path "$run/checkpoints/embeddings.pt" --prompt "$prompt" --n_samples 8 --n_iter 2 \
+        --ddim_steps 20 --scale 3 --H 32 --W 32 --outdir "$run/samples"
+done
 echo
 echo "Embedding: $run/checkpoints/embeddings.pt"
-echo "Pictures:  $run/samples (grid: $(ls "$run"/samples/*.png | head -n 1)), training grids in $run/images/train"
+echo "Pictures:  $run/samples (one grid per prompt: $(ls "$run"/samples/*.png | head -n 1 | xargs basename), ...), training grids in $run/images/train"

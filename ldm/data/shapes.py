@@ -6,13 +6,16 @@ Size (55-70% of the image side) and position (up to 7% off centre) vary a little
 margin of background at the border (the judge reads the background there). The variation is kept small on purpose:
 a model trained on one CPU core for an hour must spend its capacity on the words, not on where the shape is.
 
-Captions name the three attributes, e.g. ``"a photo of a red star on a blue background"``. Two things have no words:
+Captions name the three attributes, e.g. ``"a photo of a red star on a blue background"``; with
+``background_omit_p`` a named background, and with ``colour_omit_p`` the shape's colour, sometimes goes unmentioned,
+as real captions leave things out. Leaving the colour out also teaches the text encoder that "on a blue background"
+is about the background wherever it stands: trained on full captions only, it read the first colour word as the
+shape's, and a learned word followed by "on a blue background" drew a blue shape. Two things have no words:
 
-* the pink background: its phrase is omitted (``"a photo of a red star"`` means a pink background), which makes
-  pink a second concept to invert (``"a photo of a * on a & background"``);
+* the pink background: its phrase is always omitted, so no prompt can ask for it (an unmentioned background is pink
+  only part of the time): a second concept to invert (``"a photo of a * on a & background"``);
 * the combination **orange cross**, which the training set never renders (:data:`HELD_OUT`). Both words are known,
-  so "orange cross" as words is a real baseline: the model learned that orange rules a cross out. Inverting the
-  orange cross therefore asks for something the frozen model can draw but no words can name.
+  so "orange cross" as words is the baseline to beat: how far the model composes a pair it never saw.
 
 Captions use ``"a photo of a {}"`` half of the time and the object templates of :mod:`ldm.data.personalized` the
 other half, so the inversion captions (``"a cropped photo of the *"``...) contain only words the model was trained on.
@@ -74,9 +77,9 @@ class Scene:
     side: float = 0.6
 
 
-def describe(shape: str, colour: str, background: str) -> str:
-    """``"red star on a blue background"``; the pink background has no phrase."""
-    phrase = f"{colour} {shape}"
+def describe(shape: str, colour: str | None, background: str) -> str:
+    """``"red star on a blue background"``; the pink background has no phrase, and no colour leaves just the shape."""
+    phrase = shape if colour is None else f"{colour} {shape}"
     return phrase if background == UNNAMED_BACKGROUND else f"{phrase} on a {background} background"
 
 
@@ -134,11 +137,16 @@ def random_scene(rng: np.random.Generator, shape: str | None = None, colour: str
     return Scene(s, c, b, float(0.5 + cx), float(0.5 + cy), float(side))
 
 
-def caption_for(scene: Scene, rng: np.random.Generator, generic_p: float = 0.2, main_template_p: float = 0.5) -> str:
-    """A caption from the templates; the shape word becomes "shape" with probability ``generic_p``."""
+def caption_for(scene: Scene, rng: np.random.Generator, generic_p: float = 0.2, main_template_p: float = 0.5,
+                background_omit_p: float = 0.0, colour_omit_p: float = 0.0) -> str:
+    """A caption from the templates; the shape word becomes "shape" with probability ``generic_p``, a named
+    background goes unmentioned with probability ``background_omit_p`` (pink never has a phrase), and the shape's
+    colour with probability ``colour_omit_p``."""
     shape = GENERIC_SHAPE_WORD if rng.random() < generic_p else scene.shape
     template = MAIN_TEMPLATE if rng.random() < main_template_p else imagenet_templates_small[rng.integers(len(imagenet_templates_small))]
-    return template.format(describe(shape, scene.colour, scene.background))
+    background = UNNAMED_BACKGROUND if rng.random() < background_omit_p else scene.background
+    colour = None if rng.random() < colour_omit_p else scene.colour
+    return template.format(describe(shape, colour, background))
 
 
 def to_model_range(pixels: np.ndarray) -> np.ndarray:
@@ -154,13 +162,16 @@ class ShapesDataset(Dataset):
     """
 
     def __init__(self, size: int = 32, length: int = 1_000_000, seed: int = 0, caption_dropout: float = 0.1,
-                 generic_p: float = 0.2, main_template_p: float = 0.5, holdout: list | None = None) -> None:
+                 generic_p: float = 0.2, main_template_p: float = 0.5, background_omit_p: float = 0.0,
+                 colour_omit_p: float = 0.0, holdout: list | None = None) -> None:
         self.size = size
         self.length = length
         self.seed = seed
         self.caption_dropout = caption_dropout
         self.generic_p = generic_p
         self.main_template_p = main_template_p
+        self.background_omit_p = background_omit_p
+        self.colour_omit_p = colour_omit_p
         self.holdout = HELD_OUT if holdout is None else frozenset(tuple(pair) for pair in holdout)
 
     def __len__(self) -> int:
@@ -175,7 +186,8 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         scene, rng = self.scene(i)
-        caption = "" if rng.random() < self.caption_dropout else caption_for(scene, rng, self.generic_p, self.main_template_p)
+        caption = "" if rng.random() < self.caption_dropout else caption_for(
+            scene, rng, self.generic_p, self.main_template_p, self.background_omit_p, self.colour_omit_p)
         return {"image": to_model_range(render(scene, self.size)), "caption": caption}
 
 
