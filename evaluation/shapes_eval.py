@@ -121,7 +121,7 @@ class ShapesJudgeEvaluator:
         rng = np.random.default_rng(seed)
         objects = [(sh, c) for sh in SHAPES for c in COLOURS if allowed(sh, c, UNNAMED_BACKGROUND)]
         picks = [objects[k] for k in rng.integers(len(objects), size=n or self.settings.n_samples)]
-        got = judge_batch(self.images([f"{TEMPLATE.format(f'{c} {sh}')}{phrase}" for sh, c in picks]))
+        got = judge_batch(self.images([TEMPLATE.format(describe(sh, c, UNNAMED_BACKGROUND)) + phrase for sh, c in picks]))
         return float(np.mean([j.background == UNNAMED_BACKGROUND for j in got]))
 
     def base_accuracy(self, n: int, seed: int = 0) -> dict[str, Any]:

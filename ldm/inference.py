@@ -141,8 +141,9 @@ def expanded_length(model: Any, prompt: str) -> tuple[int, int]:
 def latent_shape(model: Any, height: int, width: int, channels: int | None = None, factor: int | None = None) -> tuple[int, int, int]:
     """``(C, H/f, W/f)``; ``C`` and ``f`` default to the model's (latent channels, autoencoder downsampling)."""
     channels = channels or int(model.channels)
-    # an autoencoder downsamples by 2 per level; a space-to-depth first stage says its factor itself
-    factor = factor or int(getattr(getattr(model, "first_stage_model", None), "factor", 0)) or 2 ** int(getattr(model, "num_downs", 3))
+    if not factor:  # a space-to-depth first stage states its factor; an autoencoder halves the size per level
+        stated = getattr(getattr(model, "first_stage_model", None), "factor", None)
+        factor = int(stated) if stated else 2 ** int(getattr(model, "num_downs", 3))
     if height % factor or width % factor:
         raise ConfigError(f"--H {height} / --W {width} must be multiples of the downsampling factor {factor} (--f)")
     return channels, height // factor, width // factor
