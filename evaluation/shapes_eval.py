@@ -177,9 +177,13 @@ def save_plot(points: dict[str, WordScores], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for label, row in points.items():
-        ax.scatter(row.editability, row.reconstruction, s=40)
-        ax.annotate(label, (row.editability, row.reconstruction), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    places: dict[tuple[float, float], list[str]] = {}
+    for label, row in points.items():  # words at (nearly) the same place share one point and one legend entry
+        places.setdefault((round(row.editability, 2), round(row.reconstruction, 2)), []).append(label)
+    markers = "osD^vP*Xh<>"
+    for k, ((x, y), labels) in enumerate(places.items()):
+        ax.scatter(x, y, s=45, marker=markers[k % len(markers)], label=f"{', '.join(labels)} ({y:.0%}, {x:.0%})")
+    ax.legend(title="word (reconstruction, editability)", fontsize=7, title_fontsize=7, loc="center right")
     ax.set_xlabel("editability (orange cross on the asked background)")
     ax.set_ylabel("reconstruction (orange cross)")
     ax.set_xlim(-0.05, 1.05)

@@ -112,14 +112,18 @@ def run_judge(opt: argparse.Namespace) -> dict:
 
 
 def write_grid(evaluator, concept_dir: str, path: Path) -> Path:
-    """Concept images, then rows of "a photo of a *", "... on a blue background", "... on a green background"."""
+    """Concept images, then rows of "a photo of a *", "... on a blue background", "... on a green background", and
+    "... on a & background" when the embedding also defines "&"."""
     import numpy as np
 
     from evaluation.shapes_eval import EDIT_BACKGROUNDS, TEMPLATE, edit_prompt, save_grid
     from ldm.data.images import iter_readable_images
 
     concept = [np.asarray(img.resize((evaluator.side, evaluator.side))) for _, img in iter_readable_images(concept_dir)]
-    prompts = [TEMPLATE.format("*")] + [edit_prompt("*", b) for b in EDIT_BACKGROUNDS]
+    backgrounds = list(EDIT_BACKGROUNDS)
+    if "&" in evaluator.model.embedding_manager.string_to_token_dict:
+        backgrounds.append("&")
+    prompts = [TEMPLATE.format("*")] + [edit_prompt("*", b) for b in backgrounds]
     return save_grid(evaluator, prompts, path, concept_images=concept)
 
 

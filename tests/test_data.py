@@ -233,6 +233,27 @@ def test_templates_from_the_config_replace_the_object_templates(folder: Path) ->
             PersonalizedBase(folder, size=8, templates=bad)
 
 
+def test_filewords_come_from_each_images_caption_file(folder: Path) -> None:
+    for name, words in [("a.txt", "red  star\n"), ("b.txt", "green circle"), ("c.txt", "blue square")]:
+        (folder / name).write_text(words)
+    own = ["a photo of a [filewords] on a {} background", "a [filewords] on {}"]
+    dataset = PersonalizedBase(folder, size=8, placeholder_token="&", templates=own)
+    for index, words in enumerate(["red star", "green circle", "blue square"]):  # files sorted: a.jpg, b.png, c.png
+        captions = {dataset.sample_caption(index) for _ in range(40)}
+        assert captions == {t.replace("[filewords]", words).format("&") for t in own}
+
+
+def test_filewords_without_a_caption_file_is_a_one_line_error(folder: Path) -> None:
+    (folder / "a.txt").write_text("red star")
+    (folder / "c.txt").write_text("   \n")
+    with pytest.raises(personalized.TemplateError, match=r"caption file '.*b\.txt' is missing; .*\[filewords\]"):
+        PersonalizedBase(folder, size=8, templates=["a [filewords] {}"])
+    (folder / "b.txt").write_text("green circle")
+    with pytest.raises(personalized.TemplateError, match=r"caption file '.*c\.txt' is empty"):
+        PersonalizedBase(folder, size=8, templates=["a [filewords] {}"])
+    assert PersonalizedBase(folder, size=8).filewords is None  # templates without [filewords] never read the files
+
+
 def test_per_image_tokens_use_dual_templates(folder: Path) -> None:
     dataset = PersonalizedBase(folder, size=8, per_image_tokens=True, mixing_prob=1.0)
     for i in range(9):

@@ -90,3 +90,24 @@ def test_samplers_follow_the_parameterization(parameterization):
         samples, steps = sampler(model).sample(10, 2, (12, 16, 16), conditioning=torch.zeros(2, 4, 64), verbose=False)
         assert torch.allclose(steps["pred_x0"][-1], point.expand(2, -1, -1, -1), atol=1e-3)
         assert (samples - point).abs().max() < 0.2  # x at t = 0 keeps sqrt(1 - abar_0) ~ 0.03 of its noise
+
+
+def test_context_regulariser_measures_only_the_other_positions():
+    """Zero at the init words; after moving the learned vectors, positive, and its gradient reaches only them."""
+    config = OmegaConf.load(REPO / "configs" / "shapes" / "shapes-ldm-finetune.yaml")
+    torch.manual_seed(0)
+    model = instantiate_from_config(config.model)
+    assert model.context_reg_weight == 0.03
+    captions = ["a photo of a * on a blue background", "a photo of a *"]
+    manager = model.embedding_manager
+    assert float(model.context_preservation_loss(captions, model.get_learned_conditioning(captions))) == 0.0
+    with torch.no_grad():
+        manager.string_to_param_dict["*"].add_(torch.randn_like(manager.string_to_param_dict["*"]))
+    reg = model.context_preservation_loss(captions, model.get_learned_conditioning(captions))
+    assert float(reg) > 0
+    reg.backward()
+    assert manager.string_to_param_dict["*"].grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.cond_stage_model.parameters())
+    x = torch.randn(2, 12, 16, 16)
+    loss, logged = model(x, captions)
+    assert float(logged["train/loss_context_reg"]) > 0 and torch.isclose(logged["train/loss"], loss)

@@ -78,6 +78,28 @@ def test_multi_vector_insertion_shifts_and_truncates(bert):
     assert m(long, bert.token_embedding(long)).shape == (1, 77, 32)
 
 
+def test_a_second_placeholder_is_found_after_the_first_ones_shift(bert, tmp_path):
+    """A two-vector '*' before a one-vector '&' (as "a photo of a * on a & background" with the shapes model's
+    embeddings): '&' must land where the shift put it, not at its old index (a bug that put '&' on the word
+    before it and left the raw '&' token embedding in place)."""
+    two = EmbeddingManager(bert, ["*"], ["dog"], num_vectors_per_token=2)
+    one = EmbeddingManager(bert, ["&"], ["cat"])
+    two.save(tmp_path / "star.pt")
+    one.save(tmp_path / "amp.pt")
+    m = EmbeddingManager(bert, ["*"], ["dog"])  # configured for one vector, as the inference configs
+    m.load(tmp_path / "star.pt")
+    m.string_to_token_dict["&"] = one.string_to_token_dict["&"]
+    m.string_to_param_dict["&"] = one.string_to_param_dict["&"]
+    tokens = bert.tokenize(["* on a & now"])
+    emb = m(tokens, bert.token_embedding(tokens))
+    # [CLS] * on a & now [SEP] -> [CLS] *0 *1 on a & now [SEP]
+    word = bert.token_embedding.weight
+    assert torch.equal(emb[0, 1:3], m.string_to_param_dict["*"].data)
+    assert torch.equal(emb[0, 4], word[tokens[0, 3]])  # "a"
+    assert torch.equal(emb[0, 5], m.string_to_param_dict["&"].data[0])
+    assert torch.equal(emb[0, 6], word[tokens[0, 5]])  # "now"
+
+
 def test_progressive_words_count_calls(bert):
     m = EmbeddingManager(bert, ["*"], ["dog"], num_vectors_per_token=3, progressive_words=True)
     assert m.vectors_in_use(3) == 1
@@ -98,6 +120,32 @@ def test_coarse_regulariser_is_zero_at_init_and_grows(bert):
     with torch.no_grad():
         m.string_to_param_dict["*"].add_(1.0)
     assert torch.allclose(m.embedding_to_coarse_loss(), torch.tensor([[32.0]]))
+
+
+def test_substitution_mask_marks_the_inserted_rows(bert):
+    m = EmbeddingManager(bert, ["*", "&"], ["dog", "cat"], num_vectors_per_token=2)
+    tokens = bert.tokenize(["* on a &", "a photo"])
+    # [CLS] * on a & [SEP] -> [CLS] *0 *1 on a &0 &1 [SEP]
+    expected = torch.zeros(2, 77, dtype=torch.bool)
+    expected[0, [1, 2, 5, 6]] = True
+    assert torch.equal(m.substitution_mask(tokens), expected)
+    one = EmbeddingManager(bert, ["*"], ["dog"])
+    assert one.substitution_mask(tokens)[0].nonzero().flatten().tolist() == [1]
+
+
+def test_initial_vectors_in_place_swaps_and_restores(bert):
+    m = EmbeddingManager(bert, ["*"], ["dog"], num_vectors_per_token=2, progressive_words=True)
+    with torch.no_grad():
+        m.string_to_param_dict["*"].add_(1.0)
+    tokens = bert.tokenize(["a *"])
+    learned = m(tokens, bert.token_embedding(tokens))
+    with m.initial_vectors_in_place():
+        initial = m(tokens, bert.token_embedding(tokens))
+    assert torch.equal(initial[0, 2], m.initial_embeddings["*"][0])
+    assert torch.equal(m(tokens, bert.token_embedding(tokens)), learned) and m.progressive_counter == 2
+    with pytest.raises(PlaceholderError, match="no init word"):
+        with EmbeddingManager(bert, ["*"], []).initial_vectors_in_place():
+            pass
 
 
 def test_save_load_round_trip_and_more_vectors_than_configured(bert, tmp_path):

@@ -66,6 +66,16 @@ def test_corrupt_image_is_skipped_with_a_warning(ws):
     assert "zz_bad.png" in proc.stderr
 
 
+def test_filewords_template_without_caption_files(ws):
+    proc = main_py(ws, 'data.params.train.params.templates=["a photo of a [filewords] {}"]')
+    assert_one_line_error(proc, "caption file", ".txt' is missing", "[filewords]")
+
+
+def test_override_that_is_not_yaml(ws):
+    proc = main_py(ws, "data.params.train.params.templates=[a photo of a [filewords] {}]")
+    assert_one_line_error(proc, "config override failed", "not valid YAML", "quote")
+
+
 def test_missing_checkpoint(ws):
     assert_one_line_error(main_py(ws, ckpt=ws["root"] / "missing.ckpt"), "missing.ckpt", "does not exist")
 

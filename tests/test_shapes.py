@@ -63,6 +63,15 @@ def test_concept_folders_are_what_they_say(tmp_path):
         got = judge(np.asarray(Image.open(path)))
         assert (got.shape, got.colour) == ("cross", "orange")
     assert all(judge(np.asarray(Image.open(p))).background == "pink" for p in folders["pink_background"])
+    for path in folders["orange_cross"]:  # each caption file names what the judge sees besides the concept
+        assert path.with_suffix(".txt").read_text().strip() == judge(np.asarray(Image.open(path))).background
+    for path in folders["pink_background"]:
+        got = judge(np.asarray(Image.open(path)))
+        assert path.with_suffix(".txt").read_text().strip() == f"{got.colour} {got.shape}"
+    for name, paths in folders.items():  # the shipped folders are these files
+        for path in paths:
+            for shipped in (CONCEPT.parent / name / path.name, CONCEPT.parent / name / path.with_suffix(".txt").name):
+                assert shipped.read_bytes() == (path.parent / shipped.name).read_bytes(), shipped
 
 
 def test_judge_is_at_least_99_percent_per_attribute_on_fresh_images():

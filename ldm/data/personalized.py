@@ -23,6 +23,11 @@ Differences from the original code (deliberate fixes):
 * ``dataset[i]`` raises ``IndexError`` for ``i`` outside ``range(len(dataset))`` (the original wrapped any index),
   so plain iteration over the dataset terminates.
 
+One addition from AUTOMATIC1111's trainer: a template may hold ``[filewords]``, which is replaced by the caption in
+the image's same-name ``.txt`` file (``00.png`` -> ``00.txt``). The file describes what in the picture is *not* the
+concept ("red star" for a picture of a red star on the background being learned), so the placeholder learns only
+what the real words leave unexplained. A template list that uses ``[filewords]`` needs the file for every image.
+
 Randomness has the original sources: the template is drawn with ``random.choice``, the dual-template coin with
 ``np.random.uniform()`` (only when ``per_image_tokens`` is on) and the flip with ``torch.rand(1) < flip_p`` (as
 torchvision's ``RandomHorizontalFlip`` does), so seeding all three reproduces a run.
@@ -200,12 +205,33 @@ class TemplateError(ValueError):
     """A caption template list a dataset cannot use (one line, for the command's error report)."""
 
 
+FILEWORDS = "[filewords]"
+
+
+def read_filewords(image_path: Path) -> str:
+    """The one-line caption in ``image_path``'s same-name ``.txt`` file (whitespace collapsed)."""
+    caption_path = image_path.with_suffix(".txt")
+    try:
+        text = caption_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = "is missing" if isinstance(err, FileNotFoundError) else f"cannot be read ({err})"
+        raise TemplateError(
+            f"caption file '{caption_path}' {reason}; the templates use {FILEWORDS}, so every image needs a same-name "
+            f".txt file with its caption (or drop {FILEWORDS} from the templates)"
+        ) from None
+    words = " ".join(text.split())
+    if not words:
+        raise TemplateError(f"caption file '{caption_path}' is empty; write the image's caption in it")
+    return words
+
+
 class TemplateCaptionDataset(Dataset):
     """Images of one folder, each decoded and resized once, served with template captions and random flips.
 
     Subclasses choose the caption lists through the class attributes ``templates`` and ``dual_templates``; a config
     may replace the first with its own list (``templates``, each with one ``{}`` for the placeholder), e.g. to learn
-    a word for a background ("a photo of a shape on a {} background") rather than an object.
+    a word for a background ("a photo of a shape on a {} background") rather than an object, and may use
+    ``[filewords]`` for each image's own caption file ("a photo of a [filewords] on a {} background").
     """
 
     templates: Sequence[str]
@@ -246,6 +272,8 @@ class TemplateCaptionDataset(Dataset):
             self.image_paths.append(path)
             self._pixels.append(self._prepare(image))
         self.num_images = len(self.image_paths)
+        uses_filewords = any(FILEWORDS in t for t in self.templates)
+        self.filewords = [read_filewords(p) for p in self.image_paths] if uses_filewords else None
         self._check_per_image_tokens()
         self._length = self.num_images * repeats if set == "train" else self.num_images
 
@@ -283,11 +311,15 @@ class TemplateCaptionDataset(Dataset):
         return to_model_range(pixels[:, ::-1] if flip else pixels)
 
     def sample_caption(self, i: int) -> str:
-        """A random caption for image ``i % num_images`` (dual template with its letter with ``mixing_prob``)."""
+        """A random caption for image ``i % num_images`` (dual template with its letter with ``mixing_prob``;
+        ``[filewords]`` replaced by the image's caption file)."""
         if self.per_image_tokens and np.random.uniform() < self.mixing_prob:
             letter = per_img_token_list[i % self.num_images]
             return random.choice(self.dual_templates).format(self.placeholder_string, letter)
-        return random.choice(self.templates).format(self.placeholder_string)
+        caption = random.choice(self.templates).format(self.placeholder_string)
+        if self.filewords is not None:
+            caption = caption.replace(FILEWORDS, self.filewords[i % self.num_images])
+        return caption
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self._length:

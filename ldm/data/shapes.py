@@ -191,14 +191,21 @@ class ShapesDataset(Dataset):
         return {"image": to_model_range(render(scene, self.size)), "caption": caption}
 
 
-def write_concept(folder: str | os.PathLike, scenes: list[Scene], size: int = 32) -> list[Path]:
-    """Render ``scenes`` as ``00.png``, ``01.png``... into ``folder`` (created); returns the paths."""
+def write_concept(folder: str | os.PathLike, scenes: list[Scene], size: int = 32,
+                  filewords: list[str] | None = None) -> list[Path]:
+    """Render ``scenes`` as ``00.png``, ``01.png``... into ``folder`` (created); returns the image paths.
+
+    With ``filewords``, each image also gets a same-name ``.txt`` caption file (the ``[filewords]`` of
+    :mod:`ldm.data.personalized`).
+    """
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, scene in enumerate(scenes):
         path = out / f"{k:02d}.png"
         Image.fromarray(render(scene, size)).save(path)
+        if filewords is not None:
+            path.with_suffix(".txt").write_text(filewords[k] + "\n", encoding="utf-8")
         paths.append(path)
     logger.info("wrote %d images to %s", len(paths), out)
     return paths
@@ -215,7 +222,18 @@ def concept_scenes(name: str, n: int = 5, seed: int = 0) -> list[Scene]:
     raise ValueError(f"unknown concept {name!r}; choose orange_cross or pink_background")
 
 
+def concept_filewords(name: str, scene: Scene) -> str:
+    """What a concept image shows besides the concept, in the model's words: the background of an orange-cross
+    image ("gray"), the shape of a pink-background image ("red circle")."""
+    return scene.background if name == "orange_cross" else f"{scene.colour} {scene.shape}"
+
+
 def write_concept_folders(root: str | os.PathLike, n: int = 5, size: int = 32, seed: int = 0) -> dict[str, list[Path]]:
-    """Write both shipped concepts under ``root`` (``root/orange_cross``, ``root/pink_background``)."""
-    return {name: write_concept(Path(root) / name, concept_scenes(name, n, seed), size)
-            for name in ("orange_cross", "pink_background")}
+    """Write both shipped concepts under ``root`` (``root/orange_cross``, ``root/pink_background``), each image with
+    its caption file (:func:`concept_filewords`)."""
+    folders = {}
+    for name in ("orange_cross", "pink_background"):
+        scenes = concept_scenes(name, n, seed)
+        words = [concept_filewords(name, scene) for scene in scenes]
+        folders[name] = write_concept(Path(root) / name, scenes, size, filewords=words)
+    return folders

@@ -14,8 +14,10 @@ Differences from the original, all deliberate:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -116,36 +118,74 @@ class EmbeddingManager(nn.Module):
         return vectors[torch.arange(k) * len(ids) // k]
 
     def forward(self, tokenized_text: torch.Tensor, embedded_text: torch.Tensor) -> torch.Tensor:
-        """Embeddings [B, N, D] of ``tokenized_text`` [B, N] with every placeholder's vectors substituted."""
+        """Embeddings [B, N, D] of ``tokenized_text`` [B, N] with every placeholder's vectors substituted.
+
+        Placeholders are substituted one after another, each on the token row as the ones before left it: a
+        two-vector ``*`` shifts everything after it by one, and a ``&`` after it is found at its shifted place.
+        """
+        tokens = tokenized_text
         for placeholder, token in self.string_to_token_dict.items():
             param = self.string_to_param_dict[placeholder]
             param = param.to(device=embedded_text.device, dtype=embedded_text.dtype)
-            if self.max_vectors_per_token == 1 and param.shape[0] == 1:
-                mask = (tokenized_text == token.to(tokenized_text.device)).unsqueeze(-1)
-                embedded_text = torch.where(mask, param[0], embedded_text)
-            else:
-                embedded_text = self.insert_vectors(tokenized_text, embedded_text, int(token), param)
+            single = self.max_vectors_per_token == 1 and param.shape[0] == 1
+            k = 1 if single else self.vectors_in_use(param.shape[0])
+            tokens, embedded_text = self.insert_vectors(tokens, embedded_text, int(token), param[:k])
         return embedded_text
 
-    def vectors_in_use(self, available: int) -> int:
+    def vectors_in_use(self, available: int, count_call: bool = True) -> int:
         """How many of a placeholder's vectors are inserted now (progressive words grow one per 2000 calls)."""
         if not self.progressive_words:
             return available
-        self.progressive_counter += 1
+        self.progressive_counter += int(count_call)
         return min(available, 1 + self.progressive_counter // PROGRESSIVE_SCALE)
 
-    def insert_vectors(self, tokens: torch.Tensor, embedded: torch.Tensor, token: int, param: torch.Tensor) -> torch.Tensor:
-        """Multi-vector path: each occurrence becomes k rows; the tail beyond the sequence length is cut."""
-        k = self.vectors_in_use(param.shape[0])
-        n = tokens.shape[1]
-        rows = []
+    @staticmethod
+    def insert_vectors(tokens: torch.Tensor, embedded: torch.Tensor, token: int,
+                       vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each occurrence of ``token`` becomes the k rows of ``vectors``; the tail beyond the length is cut.
+
+        Returns the token rows shifted the same way (the inserted rows hold -1, which no placeholder matches) and
+        the new embeddings.
+        """
+        if vectors.shape[0] == 1:
+            mask = (tokens == token).unsqueeze(-1)
+            return tokens, torch.where(mask, vectors[0], embedded)
+        k, n = vectors.shape[0], tokens.shape[1]
+        filler = tokens.new_full((k,), -1)
+        token_rows, rows = [], []
         for b in range(tokens.shape[0]):
-            row = embedded[b]
-            cols = (tokens[b] == token).nonzero().flatten().tolist()
+            token_row, row = tokens[b], embedded[b]
+            cols = (token_row == token).nonzero().flatten().tolist()
             for col in sorted(cols, reverse=True):
-                row = torch.cat([row[:col], param[:k], row[col + 1 :]])[:n]
+                token_row = torch.cat([token_row[:col], filler, token_row[col + 1 :]])[:n]
+                row = torch.cat([row[:col], vectors, row[col + 1 :]])[:n]
+            token_rows.append(token_row)
             rows.append(row)
-        return torch.stack(rows)
+        return torch.stack(token_rows), torch.stack(rows)
+
+    @torch.no_grad()
+    def substitution_mask(self, tokenized_text: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, N]``: the rows that :meth:`forward` fills with learned vectors (the same insertions and cuts;
+        with progressive words, the vectors in use at the last call)."""
+        tokens = tokenized_text
+        marks = torch.zeros(*tokenized_text.shape, 1, device=tokenized_text.device)
+        for placeholder, token in self.string_to_token_dict.items():
+            k = self.vectors_in_use(self.string_to_param_dict[placeholder].shape[0], count_call=False)
+            tokens, marks = self.insert_vectors(tokens, marks, int(token), torch.ones(k, 1, device=marks.device))
+        return marks[..., 0] > 0
+
+    @contextlib.contextmanager
+    def initial_vectors_in_place(self) -> Iterator[None]:
+        """While active, every placeholder stands for its init word's vectors (what the prompt meant before training)."""
+        missing = [s for s in self.string_to_param_dict if s not in self.initial_embeddings]
+        if missing:
+            raise PlaceholderError(f"placeholders {missing} have no init word; the context regulariser needs one")
+        learned, counter = self.string_to_param_dict, self.progressive_counter
+        self.string_to_param_dict = self.initial_embeddings
+        try:
+            yield
+        finally:
+            self.string_to_param_dict, self.progressive_counter = learned, counter
 
     def embedding_parameters(self):
         return self.string_to_param_dict.parameters()

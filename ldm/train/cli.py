@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -113,12 +114,17 @@ def load_configs(paths: list[str], dotlist: list[str]) -> Any:
             raise ConfigError(f"--base: config file '{path}' does not exist; check the path (configs/ holds the shipped ones)")
         try:
             configs.append(OmegaConf.load(path))
-        except (OmegaConfBaseException, ValueError, OSError) as err:
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as err:
             raise ConfigError(f"--base: '{path}' is not a readable YAML config ({type(err).__name__})") from err
     try:
         return OmegaConf.merge(*configs, OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as err:
         raise ConfigError(f"config override failed: {str(err).splitlines()[0]}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"config override failed: a value of {dotlist} is not valid YAML ({str(err).splitlines()[0]}); quote "
+            "strings that hold brackets, braces or colons, e.g. 'key=[\"a [b] {}\"]'"
+        ) from err
 
 
 @dataclass

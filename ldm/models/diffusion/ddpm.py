@@ -322,9 +322,10 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
 class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
     """Diffusion in the latent space of a frozen autoencoder, conditioned on text; hosts the EmbeddingManager.
 
-    Beyond the original's arguments: ``cache_latents`` (encode each training image and flip once; on by default) and
+    Beyond the original's arguments: ``cache_latents`` (encode each training image and flip once; on by default),
     ``gradient_checkpointing`` (None: off while inverting, as the original effectively ran, else the UNet's
-    ``use_checkpoint``; True/False forces it; it works with every weight frozen).
+    ``use_checkpoint``; True/False forces it; it works with every weight frozen) and ``context_reg_weight``
+    (see :meth:`context_preservation_loss`; 0, off, by default).
     """
 
     def __init__(
@@ -342,6 +343,7 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
         scale_by_std: bool = False,
         cache_latents: bool = True,
         gradient_checkpointing: bool | None = None,
+        context_reg_weight: float = 0.0,
         *args: Any,
         **kwargs: Any,
     ) -> None:
@@ -372,6 +374,7 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.cache_latents = cache_latents
+        self.context_reg_weight = context_reg_weight
         self.restarted_from_ckpt = False
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
@@ -486,9 +489,31 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
 
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict]:
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        captions = c
         if self.model.conditioning_key is not None and self.cond_stage_trainable:
             c = self.get_learned_conditioning(c)
-        return self.p_losses(x, c, t, *args, **kwargs)
+        loss, loss_dict = self.p_losses(x, c, t, *args, **kwargs)
+        if self.context_reg_weight > 0 and self.embedding_manager is not None and isinstance(c, torch.Tensor):
+            reg = self.context_preservation_loss(captions, c)
+            prefix = "train" if self.training else "val"
+            loss = loss + self.context_reg_weight * reg
+            loss_dict.update({f"{prefix}/loss_context_reg": reg.detach(), f"{prefix}/loss": loss})
+        return loss, loss_dict
+
+    def context_preservation_loss(self, captions: Any, cond: torch.Tensor) -> torch.Tensor:
+        """Mean squared change, by the learned vectors, of the text encoder's outputs at every *other* position.
+
+        A learned vector can reach the rest of the prompt through the encoder's self-attention: in the shapes world
+        a learned ``*`` left its own outputs harmless but rewrote those of ``on a & background`` after it, so a
+        second learned word lost its meaning next to it. This term compares each caption's encoding with the one it
+        had with the init words in place and penalises the difference outside the placeholders' own rows.
+        """
+        manager = self.embedding_manager
+        with torch.no_grad(), manager.initial_vectors_in_place():
+            reference = self.get_learned_conditioning(captions)
+        tokens = captions if isinstance(captions, torch.Tensor) else self.cond_stage_model.tokenize(captions)
+        keep = ~manager.substitution_mask(tokens.to(cond.device))
+        return (cond - reference).pow(2).mean(dim=-1)[keep].mean()
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:  # type: ignore[override]
         noise = default(noise, lambda: torch.randn_like(x_start))
