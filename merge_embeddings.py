@@ -9,7 +9,7 @@ merge stops with one line saying which flag to add.
 
 Differences from the original, all deliberate: replacements are checked against every placeholder already merged
 (by string and by token id), files of different widths (LDM 1280 vs SD 768) are refused naming both files, and no
-model is built: only the tokenizer (``-sd``: CLIP, else BERT), loaded offline. The output is the original two-key
+model is built: only the tokenizer (``-sd``: CLIP, else BERT, or ``--config``'s), loaded offline. The output is the original two-key
 format (plus a ``merged_from`` key recording each placeholder's source file and its sha256).
 """
 from __future__ import annotations
@@ -170,16 +170,34 @@ class Merger:
         return token_id
 
 
-def load_vocabulary(sd: bool) -> Vocabulary:
-    """The tokenizer of the model family (offline: HF cache or the shipped vocabularies), as a :class:`Vocabulary`."""
+def load_vocabulary(sd: bool, config: str | None = None) -> tuple[Vocabulary, bool]:
+    """The tokenizer (offline: HF cache or the shipped vocabularies) as a :class:`Vocabulary`, and whether it is CLIP's.
+
+    Without ``config``, the model family's default tokenizer (``-sd``: CLIP, else BERT); with it, the tokenizer that
+    config's text encoder uses (its ``tokenizer_path`` or CLIP ``version``), e.g. the shapes model's own vocabulary.
+    """
     from ldm.modules.encoders.tokenizers import load_bert_tokenizer, load_clip_tokenizer
 
-    return Vocabulary.of_tokenizer(load_clip_tokenizer() if sd else load_bert_tokenizer())
+    if config is None:
+        return Vocabulary.of_tokenizer(load_clip_tokenizer() if sd else load_bert_tokenizer()), sd
+    from omegaconf import OmegaConf
+
+    try:
+        encoder = OmegaConf.load(config).model.params.cond_stage_config
+    except (OSError, ValueError, AttributeError, KeyError) as err:
+        raise ConfigError(f"--config: cannot read a model's cond_stage_config from '{config}' ({type(err).__name__})") from err
+    params = encoder.get("params") or {}
+    if str(encoder.get("target", "")).endswith("FrozenCLIPEmbedder"):
+        version = params.get("version")
+        loaded = load_clip_tokenizer(tokenizer_path=params.get("tokenizer_path"), **({"version": version} if version else {}))
+        return Vocabulary.of_tokenizer(loaded), True
+    return Vocabulary.of_tokenizer(load_bert_tokenizer(params.get("tokenizer_path"))), False
 
 
 def merge(opt: argparse.Namespace) -> dict[str, str]:
     ask = input if sys.stdin is not None and sys.stdin.isatty() else None
-    merger = Merger(load_vocabulary(opt.stable_diffusion), parse_renames(opt.rename, opt.manager_ckpts), opt.auto_rename, ask, opt.stable_diffusion)
+    vocab, sd = load_vocabulary(opt.stable_diffusion, opt.config)
+    merger = Merger(vocab, parse_renames(opt.rename, opt.manager_ckpts), opt.auto_rename, ask, sd)
     for path in opt.manager_ckpts:
         merger.add_file(path)
     for rule in merger.pending:
@@ -199,6 +217,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--manager_ckpts", type=str, nargs="+", required=True, help="embedding files to merge, in order")
     p.add_argument("--output_path", type=str, required=True, help="the merged file (original .pt format)")
     p.add_argument("-sd", "--stable_diffusion", action="store_true", help="SD (CLIP tokenizer) embeddings instead of LDM (BERT)")
+    p.add_argument("--config", help="the model's config: use its text encoder's tokenizer (e.g. a shapes model's own "
+                   "vocabulary) instead of the family default")
     p.add_argument("--rename", action="append", default=[], metavar="[FILE:]OLD=NEW", help="replacement for a clashing placeholder")
     p.add_argument("--auto_rename", action="store_true", help="replace clashing placeholders by the first free single-token string")
     return p.parse_args(argv)

@@ -118,7 +118,7 @@ def test_foreign_formats_and_token_id_clashes(tmp_path, capsys):
 
 
 def test_interactive_prompts_as_the_original(tmp_path):
-    vocab = merge_embeddings.load_vocabulary(sd=True)
+    vocab, _ = merge_embeddings.load_vocabulary(sd=True)
     answers = iter(["*", "two words", "&"])
     questions: list[str] = []
 
@@ -133,3 +133,18 @@ def test_interactive_prompts_as_the_original(tmp_path):
     assert questions[1].startswith("Placeholder string '*' is already taken")
     assert questions[2] == "Placeholder string 'two words' maps to more than a single token. Please enter another string: "
     assert merger.token_ids == {"*": 265, "&": 261}
+
+
+def test_config_gives_the_models_own_tokenizer(tmp_path, capsys):
+    """With --config the shapes model's 53-word vocabulary numbers the placeholders, not bert-base-uncased."""
+    star = save_original(tmp_path / "star.pt", {"*": torch.randn(2, 64)}, {"*": 47})
+    amp = save_original(tmp_path / "amp.pt", {"&": torch.randn(1, 64)}, {"&": 48})
+    out = tmp_path / "merged.pt"
+    config = str(REPO / "configs" / "shapes" / "shapes-ldm-inference.yaml")
+    code, _, err = run_main(["--config", config, "--manager_ckpts", str(star), str(amp), "--output_path", str(out)], capsys)
+    assert code == 0, err
+    assert read_embeddings(out).token_ids == {"*": 47, "&": 48}
+    code, _, err = run_main(["--manager_ckpts", str(star), str(amp), "--output_path", str(out)], capsys)
+    assert code == 0 and read_embeddings(out).token_ids == {"*": 1008, "&": 1004}  # the LDM default: BERT's ids
+    code, _, err = run_main(["--config", str(tmp_path / "none.yaml"), "--manager_ckpts", str(star), "--output_path", str(out)], capsys)
+    assert code == 2 and "--config" in err and "none.yaml" in err
