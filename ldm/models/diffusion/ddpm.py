@@ -490,10 +490,11 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict]:
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
         captions = c
-        if self.model.conditioning_key is not None and self.cond_stage_trainable:
+        encodes_here = self.model.conditioning_key is not None and self.cond_stage_trainable
+        if encodes_here:
             c = self.get_learned_conditioning(c)
         loss, loss_dict = self.p_losses(x, c, t, *args, **kwargs)
-        if self.context_reg_weight > 0 and self.embedding_manager is not None and isinstance(c, torch.Tensor):
+        if self.context_reg_weight > 0 and self.embedding_manager is not None and encodes_here:  # captions are text here
             reg = self.context_preservation_loss(captions, c)
             prefix = "train" if self.training else "val"
             loss = loss + self.context_reg_weight * reg
