@@ -9,8 +9,8 @@ merge stops with one line saying which flag to add.
 
 Differences from the original, all deliberate: replacements are checked against every placeholder already merged
 (by string and by token id), files of different widths (LDM 1280 vs SD 768) are refused naming both files, and no
-model is built: only the tokenizer (``-sd``: CLIP, else BERT, or ``--config``'s), loaded offline. The output is the original two-key
-format (plus a ``merged_from`` key recording each placeholder's source file and its sha256).
+model is built: only the tokenizer (``-sd``: CLIP, else BERT, or ``--config``'s), loaded offline. The output is
+the original two-key format (plus a ``merged_from`` key recording each placeholder's source file and its sha256).
 """
 from __future__ import annotations
 
@@ -176,20 +176,20 @@ def load_vocabulary(sd: bool, config: str | None = None) -> tuple[Vocabulary, bo
     Without ``config``, the model family's default tokenizer (``-sd``: CLIP, else BERT); with it, the tokenizer that
     config's text encoder uses (its ``tokenizer_path`` or CLIP ``version``), e.g. the shapes model's own vocabulary.
     """
-    from ldm.modules.encoders.tokenizers import load_bert_tokenizer, load_clip_tokenizer
+    from ldm.modules.encoders.tokenizers import CLIP_HUB_ID, load_bert_tokenizer, load_clip_tokenizer
 
     if config is None:
         return Vocabulary.of_tokenizer(load_clip_tokenizer() if sd else load_bert_tokenizer()), sd
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig
 
-    try:
-        encoder = OmegaConf.load(config).model.params.cond_stage_config
-    except (OSError, ValueError, AttributeError, KeyError) as err:
-        raise ConfigError(f"--config: cannot read a model's cond_stage_config from '{config}' ({type(err).__name__})") from err
+    from ldm.train.cli import load_configs  # one-line errors for a missing or unreadable file
+
+    encoder = load_configs([config], [], flag="--config").get("model", {}).get("params", {}).get("cond_stage_config")
+    if not isinstance(encoder, DictConfig):
+        raise ConfigError(f"--config: '{config}' has no model.params.cond_stage_config (the text encoder) to take a tokenizer from")
     params = encoder.get("params") or {}
     if str(encoder.get("target", "")).endswith("FrozenCLIPEmbedder"):
-        version = params.get("version")
-        loaded = load_clip_tokenizer(tokenizer_path=params.get("tokenizer_path"), **({"version": version} if version else {}))
+        loaded = load_clip_tokenizer(params.get("version") or CLIP_HUB_ID, params.get("tokenizer_path"))
         return Vocabulary.of_tokenizer(loaded), True
     return Vocabulary.of_tokenizer(load_bert_tokenizer(params.get("tokenizer_path"))), False
 

@@ -148,3 +148,6 @@ def test_config_gives_the_models_own_tokenizer(tmp_path, capsys):
     assert code == 0 and read_embeddings(out).token_ids == {"*": 1008, "&": 1004}  # the LDM default: BERT's ids
     code, _, err = run_main(["--config", str(tmp_path / "none.yaml"), "--manager_ckpts", str(star), "--output_path", str(out)], capsys)
     assert code == 2 and "--config" in err and "none.yaml" in err
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    code, _, err = run_main(["--config", str(tmp_path / "bad.yaml"), "--manager_ckpts", str(star), "--output_path", str(out)], capsys)
+    assert code == 2 and "--config: " in err and "bad.yaml" in err and "Traceback" not in err

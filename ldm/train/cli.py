@@ -104,18 +104,18 @@ def _parse_value(value: str) -> Any:
     return str2bool(value) if value.lower() in ("true", "false") else value
 
 
-def load_configs(paths: list[str], dotlist: list[str]) -> Any:
-    """Merge the ``--base`` configs left to right, then the ``key=value`` overrides."""
+def load_configs(paths: list[str], dotlist: list[str], flag: str = "--base") -> Any:
+    """Merge the configs given with ``flag`` left to right, then the ``key=value`` overrides."""
     if not paths:
-        raise ConfigError("no config given; pass one with --base configs/...yaml")
+        raise ConfigError(f"no config given; pass one with {flag} configs/...yaml")
     configs = []
     for path in paths:
         if not os.path.isfile(path):
-            raise ConfigError(f"--base: config file '{path}' does not exist; check the path (configs/ holds the shipped ones)")
+            raise ConfigError(f"{flag}: config file '{path}' does not exist; check the path (configs/ holds the shipped ones)")
         try:
             configs.append(OmegaConf.load(path))
         except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as err:
-            raise ConfigError(f"--base: '{path}' is not a readable YAML config ({type(err).__name__})") from err
+            raise ConfigError(f"{flag}: '{path}' is not a readable YAML config ({type(err).__name__})") from err
     try:
         return OmegaConf.merge(*configs, OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as err:
