@@ -26,7 +26,7 @@ from ldm.data.images import list_image_files, validate_image_folder
 from ldm.train.callbacks import AtomicCheckpointIO, EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
 from ldm.train.cli import count_devices, get_parser, load_configs, parse_devices, resolve_run, split_unknown
 from ldm.train.data import DataModuleFromConfig
-from ldm.train.errors import ConfigError, run_cli
+from ldm.errors import ConfigError, run_cli
 from ldm.util import instantiate_from_config
 
 __all__ = ["DataModuleFromConfig", "ImageLogger", "main"]

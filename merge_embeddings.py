@@ -27,7 +27,7 @@ from ldm.data.personalized import per_img_token_list
 from ldm.modules.embedding_formats import Vocabulary, family_for_width, read_embeddings, resolve_token_id, save_original
 from ldm.modules.embedding_manager import SUGGESTED_PLACEHOLDERS, EmbeddingFileError, PlaceholderError
 from ldm.provenance import file_sha256
-from ldm.train.errors import ConfigError, run_cli
+from ldm.errors import ConfigError, run_cli
 
 logger = logging.getLogger(__name__)
 

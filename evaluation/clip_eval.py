@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.inference import sample_images
-from ldm.train.errors import ConfigError
+from ldm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

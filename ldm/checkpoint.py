@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
+from ldm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 _YAML_SUFFIXES = {".yaml", ".yml", ".json"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be used; ``str(err)`` is a one-line message for the user."""
 
 

@@ -38,7 +38,7 @@ from ldm.inference import (
     sample_images,
 )
 from ldm.provenance import GenerationRecord, save_png, short_hash
-from ldm.train.errors import ConfigError, run_cli
+from ldm.errors import ConfigError, run_cli
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointError, load_checkpoint, state_dict_from_checkpoint
-from ldm.train.errors import ConfigError
+from ldm.errors import ConfigError
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)

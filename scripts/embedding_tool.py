@@ -37,7 +37,7 @@ from ldm.modules.embedding_formats import (  # noqa: E402
     resolve_token_id,
     write_embeddings,
 )
-from ldm.train.errors import ConfigError, run_cli  # noqa: E402
+from ldm.errors import ConfigError, run_cli  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 logger = logging.getLogger(__name__)

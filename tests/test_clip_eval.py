@@ -14,7 +14,7 @@ import evaluation.clip_eval as clip_eval
 from evaluation.clip_eval import CLIP_MEAN, CLIP_STD, CLIPEvaluator, ImageDirEvaluator, LDMCLIPEvaluator, strip_placeholders
 from ldm.inference import load_model_from_config
 from ldm.modules.encoders.tokenizers import SHIPPED_CLIP_BPE, converted_clip_vocab
-from ldm.train.errors import ConfigError
+from ldm.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import TINY_CONFIGS, make_tiny_checkpoint  # noqa: E402

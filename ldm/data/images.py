@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ldm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -38,7 +40,7 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(UserError):
     """An image file that cannot be decoded (corrupt, truncated, not an image, unsupported mode)."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
@@ -49,7 +51,7 @@ class ImageLoadError(Exception):
         )
 
 
-class DataRootError(Exception):
+class DataRootError(UserError):
     """The training-image folder is missing, not a folder, or holds no usable image."""
 
     def __init__(self, folder: str | os.PathLike, problem: str) -> None:

@@ -45,6 +45,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.images import iter_readable_images
+from ldm.errors import UserError
 
 imagenet_templates_smallest = [
     "a photo of a {}",
@@ -201,7 +202,7 @@ def to_model_range(pixels: np.ndarray) -> np.ndarray:
     return (pixels / 127.5 - 1.0).astype(np.float32)
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A caption template list a dataset cannot use (one line, for the command's error report)."""
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import atomic_torch_save
+from ldm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +32,11 @@ PROGRESSIVE_SCALE = 2000
 SUGGESTED_PLACEHOLDERS = ("*", "@", "&", "#", "$", "%", "^", "~", "א", "ב")
 
 
-class PlaceholderError(ValueError):
+class PlaceholderError(UserError, ValueError):
     """A placeholder string that is not exactly one token of the model's tokenizer."""
 
 
-class EmbeddingFileError(ValueError):
+class EmbeddingFileError(UserError, ValueError):
     """An embedding file that cannot be used with this model; ``str()`` is a one-line message."""
 
 

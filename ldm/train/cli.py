@@ -20,7 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.train.errors import ConfigError
+from ldm.errors import ConfigError
 
 
 def str2bool(v: str | bool) -> bool:

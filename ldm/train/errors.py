@@ -1,41 +1,11 @@
-"""User-facing errors: the exceptions that mean "bad input", and how a command reports them (one line, exit 2)."""
+"""Kept for API compatibility: the user-facing errors moved to :mod:`ldm.errors` (every room may import that one).
+
+``USER_ERRORS`` is what :func:`run_cli` catches: every subclass of :class:`~ldm.errors.UserError`.
+"""
 from __future__ import annotations
 
-import logging
-import sys
-from collections.abc import Callable
-from typing import Any
+from ldm.errors import ConfigError, UserError, run_cli
 
-from ldm.checkpoint import CheckpointError
-from ldm.data.images import DataRootError, ImageLoadError
-from ldm.data.personalized import TemplateError
-from ldm.models.diffusion.training import NonFiniteLossError
-from ldm.modules.embedding_manager import EmbeddingFileError, PlaceholderError
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
 
-logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config file or command-line option that cannot be used; ``str()`` is a one-line message."""
-
-
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError,
-    ConfigError,
-    DataRootError,
-    ImageLoadError,
-    EmbeddingFileError,
-    PlaceholderError,
-    NonFiniteLossError,
-    TemplateError,
-)
-
-
-def run_cli(main: Callable[[], Any]) -> None:
-    """Run a command's ``main``; bad input ends it with ``error: <one line>`` on stderr and exit status 2."""
-    try:
-        main()
-    except USER_ERRORS as err:
-        message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+__all__ = ["ConfigError", "USER_ERRORS", "UserError", "run_cli"]

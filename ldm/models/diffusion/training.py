@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ldm.checkpoint import atomic_torch_save
+from ldm.errors import UserError
 from ldm.provenance import embedding_record
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -26,7 +27,7 @@ from ldm.util import instantiate_from_config
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the last finite embedding has been kept."""
 
 
