@@ -1,17 +1,16 @@
 """PLMS sampling (pseudo linear multi-step, Liu et al. 2022) behind the original ``PLMSSampler`` API.
 
-Step one is a pseudo improved Euler step (two model calls); later steps combine the stored noise predictions with
-Adams-Bashforth weights of order 2-4 (:func:`ldm.models.diffusion.sampling.plms_eps`). Deterministic: eta must be 0.
+The sampler itself is the pure function :func:`ldm.models.diffusion.sampling.sample_plms`; this class adapts the
+original call signature, as :class:`~ldm.models.diffusion.ddim.DDIMSampler` does. Deterministic: eta must be 0.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.sampling import check_batch, ddim_update, guided_eps, plms_eps, run_steps, step_scalars
+from ldm.models.diffusion.ddim import DDIMSampler, Intermediates, original_callbacks, start_noise
+from ldm.models.diffusion.sampling import check_batch, sample_plms
 
 
 class PLMSSampler(DDIMSampler):
@@ -32,31 +31,12 @@ class PLMSSampler(DDIMSampler):
         unconditional_conditioning: Any = None,
         generator: torch.Generator | None = None,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+    ) -> tuple[torch.Tensor, Intermediates]:
         if eta != 0:
             raise ValueError("eta must be 0 for PLMS")
         check_batch(conditioning, batch_size)
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
-        device = self.model.betas.device
-        img = torch.randn((batch_size, *shape), device=device, generator=generator) if x_T is None else x_T.to(device)
-        time_range = np.flip(self.ddim_timesteps)
-        old_eps: list[torch.Tensor] = []
-
-        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return guided_eps(self.model_eps, x, t, conditioning, unconditional_conditioning, unconditional_guidance_scale)
-
-        def step(x: torch.Tensor, ts: torch.Tensor, index: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            nonlocal old_eps
-            scalars = step_scalars(self.sched, index, batch_size, device)
-            e_t = eps(x, ts)
-            if not old_eps:
-                x_euler, _ = ddim_update(x, e_t, scalars)
-                t_next = torch.full_like(ts, int(time_range[min(i + 1, len(time_range) - 1)]))
-                e_prime = (e_t + eps(x_euler, t_next)) / 2
-            else:
-                e_prime = plms_eps(e_t, old_eps)
-            old_eps = (old_eps + [e_t])[-3:]
-            return ddim_update(x, e_prime, scalars)
-
-        return run_steps(step, img, self.ddim_timesteps, desc="PLMS Sampler", verbose=verbose, log_every_t=log_every_t,
-                         callback=callback, img_callback=img_callback)
+        schedule = self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=False)
+        img = start_noise(self.model, batch_size, shape, x_T, generator)
+        intermediates, on_step = original_callbacks(img, len(schedule), log_every_t, callback, img_callback)
+        eps = self.guided(conditioning, unconditional_conditioning, unconditional_guidance_scale)
+        return sample_plms(eps, img, schedule, callback=on_step, verbose=verbose), intermediates
