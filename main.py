@@ -116,6 +116,17 @@ def check_actual_resume(opt: Any, config: Any) -> None:
         raise ConfigError("--actual_resume is required: the pretrained model checkpoint to invert against")
 
 
+def build_model(config: Any, opt: Any) -> Any:
+    """The model of ``config.model``; a textual-inversion model is also given what its embedding files record."""
+    if "personalization_config" not in config.model.params:
+        return instantiate_from_config(config.model)
+    provenance = {
+        "seed": opt.seed, "config": config, "base_model": config.model.params.get("ckpt_path") or None,
+        "data_files": list_image_files(opt.data_root) if opt.data_root else [],
+    }
+    return instantiate_from_config(config.model, embedding_provenance=provenance)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # the frozen parts stay in eval mode on purpose
@@ -141,11 +152,7 @@ def main() -> None:
 
     settings, ngpu = trainer_settings(opt, extra, lightning_config)
     lightning_config.trainer = settings
-    model = instantiate_from_config(config.model)
-    model.embedding_provenance = {  # stored in every embedding file written
-        "seed": opt.seed, "config": config, "base_model": config.model.params.get("ckpt_path") or None,
-        "data_files": list_image_files(opt.data_root) if opt.data_root else [],
-    }
+    model = build_model(config, opt)
     data = instantiate_from_config(config.data) if "data" in config else None
     callbacks = default_callbacks(run, opt, config, lightning_config, bool(run.resume_ckpt))
     pl_logger = pl.loggers.CSVLogger(save_dir=str(run.logdir), name="csv")

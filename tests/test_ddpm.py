@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from conftest import REFERENCE, REPO
 from ldm.checkpoint import CheckpointError
+from ldm.models.diffusion.training import NonFiniteLossError
 from ldm.util import instantiate_from_config
 
 CONFIGS = sorted((REPO / "configs").glob("*-diffusion/*.yaml"))
@@ -111,3 +112,41 @@ def test_context_regulariser_measures_only_the_other_positions():
     x = torch.randn(2, 12, 16, 16)
     loss, logged = model(x, captions)
     assert float(logged["train/loss_context_reg"]) > 0 and torch.isclose(logged["train/loss"], loss)
+
+
+def test_both_regularisers_add_up_in_one_place():
+    """With both weights on, the loss is the diffusion loss plus each weighted regulariser, each logged once."""
+    config = OmegaConf.load(REPO / "configs" / "shapes" / "shapes-ldm-finetune.yaml")
+    config.model.params.embedding_reg_weight = 0.5
+    torch.manual_seed(0)
+    model = instantiate_from_config(config.model)
+    with torch.no_grad():
+        model.embedding_manager.string_to_param_dict["*"].add_(1.0)
+    captions = ["a photo of a * on a blue background", "a photo of a *"]
+    x, t, noise = torch.randn(2, 12, 16, 16), torch.tensor([10, 500]), torch.randn(2, 12, 16, 16)
+    cond = model.get_learned_conditioning(captions)
+    plain, _ = model.loss_from_prediction(model.apply_model(model.q_sample(x, t, noise), t, cond), x, noise, t)
+    loss, logged = model.p_losses(x, cond, t, noise=noise, captions=captions)
+    emb, ctx = logged["train/loss_emb_reg"], logged["train/loss_context_reg"]
+    assert float(emb) > 0 and float(ctx) > 0
+    torch.testing.assert_close(loss, plain + 0.5 * emb + 0.03 * ctx)
+    assert logged["train/loss"] is loss
+    without, logged = model.p_losses(x, cond, t, noise=noise)  # conditioning given ready-made: no context term
+    assert "train/loss_context_reg" not in logged
+    torch.testing.assert_close(without, plain + 0.5 * emb)
+
+
+def test_training_state_is_created_with_the_model(tmp_path):
+    config = OmegaConf.load(REPO / "configs" / "shapes" / "shapes-ldm-finetune.yaml")
+    provenance = {"seed": 5, "config": None, "base_model": None, "data_files": []}
+    model = instantiate_from_config(config.model, embedding_provenance=provenance)
+    assert model.latent_cache == {} and model.step_finite is None and model.all_finite is None
+    assert model.embedding_provenance is provenance
+    model.track_finite(torch.tensor(1.0))
+    assert bool(model.step_finite) and bool(model.all_finite)
+    with pytest.raises(NonFiniteLossError):  # step 0: a step at which the flag is read
+        model.track_finite(torch.tensor(float("nan")))
+    assert not bool(model.step_finite) and not bool(model.all_finite)
+    model.save_embeddings(tmp_path, 7)
+    saved = torch.load(tmp_path / "embeddings_gs-7.pt", weights_only=True)
+    assert saved["seed"] == 5 and saved["step"] == 7

@@ -156,6 +156,10 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
         self.logvar = torch.full(fill_value=logvar_init, size=(self.num_timesteps,))
         if learn_logvar:
             self.logvar = nn.Parameter(self.logvar, requires_grad=True)
+        # whether this step's loss, and every loss so far, was finite: device tensors, read only every few steps
+        # (see DDPMTrainingMixin.track_finite)
+        self.step_finite: torch.Tensor | None = None
+        self.all_finite: torch.Tensor | None = None
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
 
@@ -310,6 +314,10 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
         return self.p_losses(x, t, *args, **kwargs)
 
+    def training_inputs(self, batch: dict) -> tuple[Any, ...]:
+        """What ``forward`` takes for a batch (the images)."""
+        return (self.get_input(batch, self.first_stage_key),)
+
     def get_input(self, batch: dict, k: str) -> torch.Tensor:
         """Images of a batch as BCHW float (datasets give HWC arrays in [-1, 1])."""
         x = batch[k]
@@ -324,8 +332,9 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
 
     Beyond the original's arguments: ``cache_latents`` (encode each training image and flip once; on by default),
     ``gradient_checkpointing`` (None: off while inverting, as the original effectively ran, else the UNet's
-    ``use_checkpoint``; True/False forces it; it works with every weight frozen) and ``context_reg_weight``
-    (see :meth:`context_preservation_loss`; 0, off, by default).
+    ``use_checkpoint``; True/False forces it; it works with every weight frozen), ``context_reg_weight``
+    (see :meth:`context_preservation_loss`; 0, off, by default) and ``embedding_provenance`` (the run's seed,
+    config, base model and images, recorded in every embedding file written; see :func:`ldm.provenance.embedding_record`).
     """
 
     def __init__(
@@ -344,6 +353,7 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
         cache_latents: bool = True,
         gradient_checkpointing: bool | None = None,
         context_reg_weight: float = 0.0,
+        embedding_provenance: dict[str, Any] | None = None,
         *args: Any,
         **kwargs: Any,
     ) -> None:
@@ -374,6 +384,9 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.cache_latents = cache_latents
+        # (image index, flipped) -> posterior mean and std of its latent (see InversionTrainingMixin.encode_latents)
+        self.latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.embedding_provenance = embedding_provenance
         self.context_reg_weight = context_reg_weight
         self.restarted_from_ckpt = False
         if ckpt_path:
@@ -456,6 +469,10 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
             return x_recon[0]
         return x_recon
 
+    def training_inputs(self, batch: dict) -> tuple[Any, ...]:
+        """What ``forward`` takes for a batch: the latents and the conditioning (captions when it encodes them)."""
+        return tuple(self.get_input(batch, self.first_stage_key))
+
     def get_input(  # type: ignore[override]
         self,
         batch: dict,
@@ -489,17 +506,10 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
 
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict]:
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
-        captions = c
-        encodes_here = self.model.conditioning_key is not None and self.cond_stage_trainable
-        if encodes_here:
-            c = self.get_learned_conditioning(c)
-        loss, loss_dict = self.p_losses(x, c, t, *args, **kwargs)
-        if self.context_reg_weight > 0 and self.embedding_manager is not None and encodes_here:  # captions are text here
-            reg = self.context_preservation_loss(captions, c)
-            prefix = "train" if self.training else "val"
-            loss = loss + self.context_reg_weight * reg
-            loss_dict.update({f"{prefix}/loss_context_reg": reg.detach(), f"{prefix}/loss": loss})
-        return loss, loss_dict
+        if self.model.conditioning_key is None or not self.cond_stage_trainable:
+            return self.p_losses(x, c, t, *args, **kwargs)
+        # the model encodes the captions itself: the context regulariser can compare encodings of them
+        return self.p_losses(x, self.get_learned_conditioning(c), t, *args, captions=c, **kwargs)
 
     def context_preservation_loss(self, captions: Any, cond: torch.Tensor) -> torch.Tensor:
         """Mean squared change, by the learned vectors, of the text encoder's outputs at every *other* position.
@@ -516,15 +526,31 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
         keep = ~manager.substitution_mask(tokens.to(cond.device))
         return (cond - reference).pow(2).mean(dim=-1)[keep].mean()
 
-    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:  # type: ignore[override]
+    def p_losses(  # type: ignore[override]
+        self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None, captions: Any = None
+    ) -> tuple[torch.Tensor, dict]:
+        """The diffusion loss of ``x_start`` noised to ``t`` under ``cond``, plus the regularisers (see
+        :meth:`add_regularisers`; the context one needs the ``captions`` that ``cond`` encodes)."""
         noise = default(noise, lambda: torch.randn_like(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         loss, loss_dict = self.loss_from_prediction(self.apply_model(x_noisy, t, cond), x_start, noise, t)
-        if self.embedding_reg_weight > 0 and self.embedding_manager is not None:
+        return self.add_regularisers(loss, loss_dict, cond, captions)
+
+    def add_regularisers(self, loss: torch.Tensor, loss_dict: dict, cond: Any, captions: Any) -> tuple[torch.Tensor, dict]:
+        """Both regularisers of the learned vectors, each only with an embedding manager and a weight above 0:
+        the original's pull towards the init words (``embedding_reg_weight``), then the context penalty
+        (``context_reg_weight``, only when ``captions`` are given, i.e. the model encoded them itself)."""
+        if self.embedding_manager is None:
+            return loss, loss_dict
+        prefix = "train" if self.training else "val"
+        if self.embedding_reg_weight > 0:
             reg = self.embedding_manager.embedding_to_coarse_loss().mean()
-            prefix = "train" if self.training else "val"
             loss_dict[f"{prefix}/loss_emb_reg"] = reg
             loss = loss + self.embedding_reg_weight * reg
             loss_dict[f"{prefix}/loss"] = loss
+        if self.context_reg_weight > 0 and captions is not None:
+            reg = self.context_preservation_loss(captions, cond)
+            loss = loss + self.context_reg_weight * reg
+            loss_dict.update({f"{prefix}/loss_context_reg": reg.detach(), f"{prefix}/loss": loss})
         return loss, loss_dict
 

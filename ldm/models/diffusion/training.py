@@ -12,7 +12,6 @@ Inversion additions over the original:
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,13 @@ class DDPMTrainingMixin:
 
     A NaN or infinite loss is handled without a host synchronisation per step: the step's gradients are zeroed on the
     device (so the weights, e.g. the learned embedding, stay finite), a flag remembers it, and the flag is read every
-    ``FINITE_CHECK_EVERY`` steps and at the end of training, which then stops with :class:`NonFiniteLossError`.
+    ``FINITE_CHECK_EVERY`` steps and at the end of training, which then stops with :class:`NonFiniteLossError`. The
+    flags (``step_finite``, ``all_finite``) are created in ``DDPM.__init__``.
     """
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        x = self.get_input(batch, self.first_stage_key)
-        return self(x)
+        """Loss and loss dict of a batch: ``forward`` on the model's inputs (see ``training_inputs``)."""
+        return self(*self.training_inputs(batch))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, loss_dict = self.shared_step(batch)
@@ -70,15 +70,13 @@ class DDPMTrainingMixin:
     def track_finite(self, loss: torch.Tensor) -> None:
         """Record, on the device, whether this step's loss is finite; look at the record every few steps."""
         ok = torch.isfinite(loss.detach())
-        self.__dict__["_step_finite"] = ok
-        seen = self.__dict__.get("_all_finite")
-        self.__dict__["_all_finite"] = ok if seen is None else seen & ok
+        self.step_finite = ok
+        self.all_finite = ok if self.all_finite is None else self.all_finite & ok
         if self.global_step % FINITE_CHECK_EVERY == 0:
             self.raise_if_nonfinite()
 
     def raise_if_nonfinite(self) -> None:
-        seen = self.__dict__.get("_all_finite")
-        if seen is not None and not bool(seen):
+        if self.all_finite is not None and not bool(self.all_finite):
             raise NonFiniteLossError(
                 f"the loss became NaN or infinite (by step {self.global_step}); lower the learning rate or use "
                 "--precision 32 (the embedding kept is the last finite one)"
@@ -86,7 +84,7 @@ class DDPMTrainingMixin:
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero the gradients of a step whose loss was not finite, so no weight becomes NaN (no host sync)."""
-        ok = self.__dict__.get("_step_finite")
+        ok = self.step_finite
         if ok is None:
             return
         for group in optimizer.param_groups:
@@ -121,21 +119,20 @@ class DDPMTrainingMixin:
 
 
 class InversionTrainingMixin:
-    """Textual inversion on LatentDiffusion: latent cache, embedding-only optimizer, small checkpoints."""
+    """Textual inversion on LatentDiffusion: latent cache, embedding-only optimizer, small checkpoints.
+
+    Its state (``latent_cache``, ``embedding_provenance``) is created in ``LatentDiffusion.__init__``.
+    """
 
     @property
     def inverting(self) -> bool:
         return self.embedding_manager is not None and not self.unfreeze_model
 
-    def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        x, c = self.get_input(batch, self.first_stage_key)
-        return self(x, c)
-
     def encode_latents(self, batch: dict, x: torch.Tensor) -> torch.Tensor:
         """The scaled latent sample of each image; with the cache, the VAE encoder runs once per (image, flip)."""
         if not (self.cache_latents and "index" in batch and "flip" in batch):
             return self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
-        cache = self.__dict__.setdefault("_latent_cache", {})
+        cache = self.latent_cache
         keys = [(int(i), bool(f)) for i, f in zip(batch["index"][: x.shape[0]], batch["flip"][: x.shape[0]])]
         missing = [j for j, k in enumerate(keys) if k not in cache]
         if missing:
@@ -147,9 +144,6 @@ class InversionTrainingMixin:
         mean = torch.stack([cache[k][0] for k in keys]).to(x.device)
         std = torch.stack([cache[k][1] for k in keys]).to(x.device)
         return self.scale_factor * (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype))
-
-    def clear_latent_cache(self) -> None:
-        self.__dict__.pop("_latent_cache", None)
 
     def configure_optimizers(self) -> Any:
         if self.embedding_manager is None:
@@ -178,8 +172,7 @@ class InversionTrainingMixin:
         if not self.embeddings_are_finite():
             logger.warning("not saving embeddings at step %d: they are not finite", step)
             return
-        provenance = getattr(self, "embedding_provenance", None) or {}
-        payload = self.embedding_manager.state_to_save(extra=embedding_record(step=step, **provenance))
+        payload = self.embedding_manager.state_to_save(extra=embedding_record(step=step, **(self.embedding_provenance or {})))
         for name in ("embeddings.pt", f"embeddings_gs-{step}.pt"):
             atomic_torch_save(payload, ckpt_dir / name)
 
