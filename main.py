@@ -9,22 +9,25 @@ are re-exported here.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+import pdb
 import signal
 import sys
 import warnings
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.data.images import list_image_files, validate_image_folder
 from ldm.train.callbacks import AtomicCheckpointIO, EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
-from ldm.train.cli import count_devices, get_parser, load_configs, parse_devices, resolve_run, split_unknown
+from ldm.train.cli import RunPaths, count_devices, get_parser, load_configs, parse_devices, resolve_run, split_unknown
 from ldm.train.data import DataModuleFromConfig
 from ldm.errors import ConfigError, run_cli
 from ldm.util import instantiate_from_config
@@ -127,18 +130,45 @@ def build_model(config: Any, opt: Any) -> Any:
     return instantiate_from_config(config.model, embedding_provenance=provenance)
 
 
+@contextlib.contextmanager
+def debugging(opt: Any, run: RunPaths) -> Iterator[None]:
+    """``-d/--debug``, as the original: an error opens the post-mortem debugger (pdb) at the failing frame, and a new
+    run's folder is moved to ``<logdir>/debug_runs/`` at the end, so trial runs stay apart from real ones."""
+    if not opt.debug:
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        pdb.post_mortem()
+        raise
+    finally:
+        if not opt.resume and rank_zero_only.rank == 0 and run.logdir.exists():
+            target = run.logdir.parent / "debug_runs" / run.logdir.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            run.logdir.rename(target)
+            logger.info("debug run moved to %s", target)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # the frozen parts stay in eval mode on purpose
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     torch.set_float32_matmul_precision("high")
+    # as the original: configs may name classes of modules in the folder main.py is run from (``target: mymod.X``)
     sys.path.insert(0, os.getcwd())
     opt, unknown = get_parser().parse_known_args()
     dotlist, extra = split_unknown(unknown)
     if opt.resume_from_checkpoint:
         opt.resume = opt.resume_from_checkpoint
     run = resolve_run(opt)
+    with debugging(opt, run):
+        fit(opt, run, dotlist, extra)
+
+
+def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> None:
+    """Build the config, model, data and Trainer of ``run``, then train (``-t``) and test."""
     config = load_configs(run.resumed_configs + list(opt.base), dotlist)
     lightning_config = config.pop("lightning", OmegaConf.create())
     personalize(config, opt)

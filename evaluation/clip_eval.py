@@ -169,7 +169,8 @@ class LDMCLIPEvaluator(CLIPEvaluator):
 
 
 class ImageDirEvaluator(CLIPEvaluator):
-    """The same two scores for pictures generated elsewhere."""
+    """The same two scores for pictures generated elsewhere. Kept for API compatibility (the original's
+    evaluation code has it); nothing in this project calls it."""
 
     def evaluate(self, gen_samples: torch.Tensor, src_images: torch.Tensor, target_text: str) -> tuple[float, float]:
         image_sim = self.img_to_img_similarity(src_images, gen_samples)

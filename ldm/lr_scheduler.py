@@ -7,7 +7,10 @@ import numpy as np
 
 
 class LambdaWarmUpCosineScheduler:
-    """Linear warm-up to ``lr_max``, then cosine decay to ``lr_min`` by ``max_decay_steps``."""
+    """Linear warm-up to ``lr_max``, then cosine decay to ``lr_min`` by ``max_decay_steps``.
+
+    Kept for API compatibility: upstream LDM configs name it; no shipped config does.
+    """
 
     def __init__(self, warm_up_steps: int, lr_min: float, lr_max: float, lr_start: float, max_decay_steps: int, verbosity_interval: int = 0) -> None:
         self.lr_warm_up_steps = warm_up_steps

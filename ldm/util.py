@@ -57,9 +57,13 @@ def count_params(model: nn.Module) -> int:
 
 
 def ismap(x: Any) -> bool:
-    """A batch of spatial maps with more than three channels (upstream's test for segmentation-like inputs)."""
+    """A batch of spatial maps with more than three channels (upstream's test for segmentation-like inputs).
+
+    Kept for API compatibility (upstream code uses it); nothing in this project calls it.
+    """
     return isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] > 3
 
 
 def isimage(x: Any) -> bool:
+    """A batch of one- or three-channel images. Kept for API compatibility (upstream code uses it); nothing in this project calls it."""
     return isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] in (1, 3)

@@ -183,7 +183,7 @@ class VQModel(_FirstStageBase):
         return self.decoder(self.post_quant_conv(quant))
 
     def decode_code(self, code_b: torch.Tensor) -> torch.Tensor:
-        """Images from codebook indices ``[b, h, w]``."""
+        """Images from codebook indices ``[b, h, w]``. Kept for API compatibility (upstream code uses it); nothing in this project calls it."""
         b, h, w = code_b.shape
         quant = self.quantize.get_codebook_entry(code_b.reshape(-1), (b, h, w, self.embed_dim))
         return self.decode(quant)
@@ -209,7 +209,8 @@ class VQModelInterface(VQModel):
 
 
 class IdentityFirstStage(nn.Module):
-    """A first stage that does nothing (diffusion directly on the input)."""
+    """A first stage that does nothing (diffusion directly on the input). Kept for API compatibility: upstream
+    configs may name it as ``first_stage_config``; no shipped config does."""
 
     def __init__(self, *args: Any, vq_interface: bool = False, **kwargs: Any) -> None:
         super().__init__()

@@ -12,7 +12,7 @@ Textual Inversion hooks in at the token-embedding level: :meth:`TransformerWrapp
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.reshape(b, n, self.heads, -1).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attend over ``x`` ``[b, n, dim]``; ``mask`` ``[b, n]`` (True = keep) masks queries and keys."""
         q, k, v = (self._split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
         dots = torch.matmul(q, k.transpose(-1, -2)) * self.scale
@@ -117,7 +117,7 @@ class Encoder(nn.Module):
             self.layers.append(nn.ModuleList([nn.LayerNorm(dim), attention, Residual()]))
             self.layers.append(nn.ModuleList([nn.LayerNorm(dim), feed_forward, Residual()]))
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         for norm, block, residual_fn in self.layers:
             residual = x
             h = norm(x)
@@ -135,10 +135,10 @@ class TransformerWrapper(nn.Module):
         num_tokens: int,
         max_seq_len: int,
         attn_layers: Encoder,
-        emb_dim: Optional[int] = None,
+        emb_dim: int | None = None,
         max_mem_len: int = 0,
         emb_dropout: float = 0.0,
-        num_memory_tokens: Optional[int] = None,
+        num_memory_tokens: int | None = None,
         tie_embedding: bool = False,
         use_pos_emb: bool = True,
     ) -> None:
@@ -158,7 +158,7 @@ class TransformerWrapper(nn.Module):
         nn.init.normal_(self.token_emb.weight, std=0.02)
         self.to_logits = None if tie_embedding else nn.Linear(dim, num_tokens)
 
-    def embed(self, x: torch.Tensor, embedding_manager: Optional[EmbeddingManagerFn] = None) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, embedding_manager: EmbeddingManagerFn | None = None) -> torch.Tensor:
         """Token embeddings (optionally edited by ``embedding_manager(ids, embeddings)``) plus position embeddings."""
         h = self.token_emb(x)
         if embedding_manager is not None:
@@ -171,8 +171,8 @@ class TransformerWrapper(nn.Module):
         self,
         x: torch.Tensor,
         return_embeddings: bool = False,
-        mask: Optional[torch.Tensor] = None,
-        embedding_manager: Optional[EmbeddingManagerFn] = None,
+        mask: torch.Tensor | None = None,
+        embedding_manager: EmbeddingManagerFn | None = None,
     ) -> torch.Tensor:
         """Encode token ids ``x`` ``[b, n]``: hidden states ``[b, n, dim]`` if ``return_embeddings``, else logits."""
         h = self.embed(x, embedding_manager)

@@ -42,7 +42,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-t", "--train", default=False, help="train", **flag)
     parser.add_argument("--no-test", default=False, help="skip testing after training", **flag)
     parser.add_argument("-p", "--project", help="unused (kept for the original's command lines)")
-    parser.add_argument("-d", "--debug", default=False, help="post-mortem debugging; run folder moved to debug_runs", **flag)
+    parser.add_argument("-d", "--debug", default=False, help="on an error, open the post-mortem debugger (pdb); move the new run folder to <logdir>/debug_runs", **flag)
     parser.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")
     parser.add_argument("-f", "--postfix", type=str, default="", help="postfix for the default name")
     parser.add_argument("-l", "--logdir", type=str, default="logs", help="folder of runs")

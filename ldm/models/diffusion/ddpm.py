@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from ldm.checkpoint import CheckpointError, load_state_dict
-from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
+from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.image_logging import ImageLoggingMixin
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS, lvlb_weights, schedule_arrays
 from ldm.models.diffusion.training import DDPMTrainingMixin, InversionTrainingMixin
@@ -31,8 +31,6 @@ from ldm.modules.ema import LitEma
 from ldm.util import count_params, default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
-
-__conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
 
 
 def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -244,6 +242,7 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
         )
 
     def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_0 from x_t and the noise in it. Kept for API compatibility (upstream code uses it); nothing in this project calls it."""
         return (
             extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
             - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise

@@ -70,6 +70,8 @@ def lvlb_weights(buffers: dict[str, torch.Tensor], alphas: np.ndarray, parameter
         )
     elif parameterization == "x0":
         ac = torch.tensor(buffers["alphas_cumprod"].numpy(), dtype=torch.float32)
+        # upstream's operator precedence, kept on purpose: (2 * 1 - ac), where 2 * (1 - ac) was surely meant; the
+        # weights (and so the x0 models' losses) must equal the original's
         w = 0.5 * torch.sqrt(ac) / (2.0 * 1 - ac)
     elif parameterization == "v":  # as SD 2's code: the bound's weights are not defined for v, use ones
         w = torch.ones_like(buffers["betas"], dtype=torch.float32)

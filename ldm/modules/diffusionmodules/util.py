@@ -86,6 +86,8 @@ def make_ddim_sampling_parameters(
     ``sigmas = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))``. Types follow the original: for a tensor
     ``alphacums``, ``alphas`` is a tensor of its dtype and ``sigmas`` a float64 tensor; ``alphas_prev`` is float64
     numpy. ``1 - a`` is rounded in ``alphacums``' precision, as in the original.
+
+    Kept for API compatibility: the samplers use :func:`ldm.models.diffusion.sampling.ddim_schedule`.
     """
     is_tensor = isinstance(alphacums, torch.Tensor)
     cums = alphacums.detach().cpu().numpy() if is_tensor else np.asarray(alphacums)
@@ -108,7 +110,10 @@ def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]
 
 
 def noise_like(shape: Sequence[int], device: torch.device | str, repeat: bool = False) -> torch.Tensor:
-    """Standard normal noise; with ``repeat`` one sample is shared by the whole batch."""
+    """Standard normal noise; with ``repeat`` one sample is shared by the whole batch.
+
+    Kept for API compatibility (upstream code uses it); nothing in this project calls it.
+    """
     if repeat:
         noise = torch.randn((1, *shape[1:]), device=device)
         return noise.repeat(shape[0], *((1,) * (len(shape) - 1)))
@@ -138,7 +143,7 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 def scale_module(module: nn.Module, scale: float) -> nn.Module:
-    """Multiply the parameters of ``module`` by ``scale`` in place and return it."""
+    """Multiply the parameters of ``module`` by ``scale`` in place and return it. Kept for API compatibility (upstream code uses it); nothing in this project calls it."""
     for p in module.parameters():
         p.detach().mul_(scale)
     return module

@@ -21,7 +21,7 @@ class AbstractDistribution:
 
 
 class DiracDistribution(AbstractDistribution):
-    """All mass on one value."""
+    """All mass on one value. Kept for API compatibility (upstream code uses it); nothing in this project calls it."""
 
     def __init__(self, value: torch.Tensor) -> None:
         self.value = value
@@ -91,7 +91,10 @@ def normal_kl(
     mean2: torch.Tensor | float,
     logvar2: torch.Tensor | float,
 ) -> torch.Tensor:
-    """Elementwise KL divergence between two Gaussians given by mean and log-variance (scalars broadcast)."""
+    """Elementwise KL divergence between two Gaussians given by mean and log-variance (scalars broadcast).
+
+    Kept for API compatibility (upstream code uses it); nothing in this project calls it.
+    """
     tensor = next((obj for obj in (mean1, logvar1, mean2, logvar2) if isinstance(obj, torch.Tensor)), None)
     assert tensor is not None, "at least one argument must be a Tensor"
     logvar1, logvar2 = (

@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
 logger = logging.getLogger(__name__)
 
-TextInput = Union[str, Sequence[str], torch.Tensor]
+TextInput = Union[str, Sequence[str], torch.Tensor]  # a runtime alias: "|" between types there needs Python 3.10
 EmbeddingManagerFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 POSITION_IDS_KEY = "transformer.text_model.embeddings.position_ids"
@@ -63,7 +63,7 @@ BUILTIN_CLIP_TEXT_CONFIGS: dict[str, dict] = {
 }
 
 
-def _as_texts(text: Union[str, Sequence[str]]) -> list[str]:
+def _as_texts(text: str | Sequence[str]) -> list[str]:
     return [text] if isinstance(text, str) else list(text)
 
 
@@ -89,7 +89,7 @@ class _TextEmbedder(AbstractEncoder):
     def embed_dim(self) -> int:
         return self.token_embedding.embedding_dim
 
-    def tokenize(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Token ids ``[B, max_length]`` on the CPU, with special tokens, truncated and padded as the tokenizer does.
 
         Rows are memoised per string: training draws its captions from a few dozen templates, so each is tokenized
@@ -116,7 +116,7 @@ class _TextEmbedder(AbstractEncoder):
         ids = text if isinstance(text, torch.Tensor) else self.tokenize(text)
         return ids.to(device=self.device, dtype=torch.long)
 
-    def encode(self, text: TextInput, embedding_manager: Optional[EmbeddingManagerFn] = None) -> torch.Tensor:
+    def encode(self, text: TextInput, embedding_manager: EmbeddingManagerFn | None = None) -> torch.Tensor:
         return self(text, embedding_manager=embedding_manager)
 
 
@@ -131,7 +131,7 @@ class BERTTokenizer(AbstractEncoder):
         device: str = "cpu",
         vq_interface: bool = True,
         max_length: int = 77,
-        tokenizer_path: Optional[str] = None,
+        tokenizer_path: str | None = None,
     ) -> None:
         super().__init__()
         self.vq_interface = vq_interface
@@ -147,11 +147,11 @@ class BERTTokenizer(AbstractEncoder):
         """The Hugging Face tokenizer (``BertTokenizerFast``)."""
         return self.loaded.tokenizer
 
-    def forward(self, text: Union[str, Sequence[str]]) -> torch.Tensor:
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
         return self.loaded.ids(_as_texts(text), self.max_length)
 
     @torch.no_grad()
-    def encode(self, text: Union[str, Sequence[str]]):
+    def encode(self, text: str | Sequence[str]):
         """Ids, or ``(None, None, [None, None, ids])`` with the VQ-model interface of the original."""
         tokens = self(text)
         return (None, None, [None, None, tokens]) if self.vq_interface else tokens
@@ -172,7 +172,7 @@ class BERTEmbedder(_TextEmbedder):
         device: str = "cuda",
         use_tokenizer: bool = True,
         embedding_dropout: float = 0.0,
-        tokenizer_path: Optional[str] = None,
+        tokenizer_path: str | None = None,
     ) -> None:
         super().__init__()
         self.use_tknz_fn = use_tokenizer
@@ -200,11 +200,11 @@ class BERTEmbedder(_TextEmbedder):
         return self.transformer.token_emb
 
     @property
-    def position_embedding(self) -> Optional[nn.Embedding]:
+    def position_embedding(self) -> nn.Embedding | None:
         pos_emb = self.transformer.pos_emb
         return None if pos_emb is None else pos_emb.emb
 
-    def forward(self, text: TextInput, embedding_manager: Optional[EmbeddingManagerFn] = None) -> torch.Tensor:
+    def forward(self, text: TextInput, embedding_manager: EmbeddingManagerFn | None = None) -> torch.Tensor:
         if not self.use_tknz_fn and not isinstance(text, torch.Tensor):
             raise TypeError("this BERTEmbedder was built with use_tokenizer=False: pass token ids, not text")
         tokens = self._token_ids(text)
@@ -277,7 +277,7 @@ class FrozenCLIPEmbedder(_TextEmbedder):
         version: str = CLIP_HUB_ID,
         device: str = "cuda",
         max_length: int = 77,
-        tokenizer_path: Optional[str] = None,
+        tokenizer_path: str | None = None,
     ) -> None:
         super().__init__()
         self.version = version
@@ -313,11 +313,11 @@ class FrozenCLIPEmbedder(_TextEmbedder):
         return self.transformer.text_model.embeddings.token_embedding
 
     @property
-    def position_embedding(self) -> Optional[nn.Embedding]:
+    def position_embedding(self) -> nn.Embedding | None:
         return self.transformer.text_model.embeddings.position_embedding
 
     @contextlib.contextmanager
-    def _substitution(self, embedding_manager: Optional[EmbeddingManagerFn]) -> Iterator[None]:
+    def _substitution(self, embedding_manager: EmbeddingManagerFn | None) -> Iterator[None]:
         """While active, the token-embedding output passes through ``embedding_manager(input_ids, embeddings)``."""
         if embedding_manager is None:
             yield
@@ -332,7 +332,7 @@ class FrozenCLIPEmbedder(_TextEmbedder):
         finally:
             handle.remove()
 
-    def forward(self, text: TextInput, embedding_manager: Optional[EmbeddingManagerFn] = None) -> torch.Tensor:
+    def forward(self, text: TextInput, embedding_manager: EmbeddingManagerFn | None = None) -> torch.Tensor:
         tokens = self._token_ids(text)
         with self._substitution(embedding_manager):
             return self.transformer(input_ids=tokens).last_hidden_state
