@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FIXTURES, REFERENCE
+from paths import FIXTURES, REFERENCE
 from ldm.models.autoencoder import AutoencoderKL, IdentityFirstStage, VQModel, VQModelInterface
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution, normal_kl
 from ldm.util import instantiate_from_config

@@ -2,8 +2,6 @@
 preprocessing, the two similarities, and the paper's sampling protocol."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,8 +14,7 @@ from ldm.inference import load_model_from_config
 from ldm.modules.encoders.tokenizers import SHIPPED_CLIP_BPE, converted_clip_vocab
 from ldm.errors import ConfigError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import TINY_CONFIGS, make_tiny_checkpoint  # noqa: E402
+from tiny_models import TINY_CONFIGS, make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

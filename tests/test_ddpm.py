@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REFERENCE, REPO
+from paths import REFERENCE, REPO
 from ldm.checkpoint import CheckpointError
 from ldm.models.diffusion.training import NonFiniteLossError
 from ldm.util import instantiate_from_config

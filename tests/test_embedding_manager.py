@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
+from paths import REPO
 from ldm.modules.embedding_manager import EmbeddingFileError, EmbeddingManager, PlaceholderError
 from ldm.modules.encoders.modules import BERTEmbedder, FrozenCLIPEmbedder
 

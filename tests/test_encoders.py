@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import FIXTURES, REFERENCE
+from paths import FIXTURES, REFERENCE
 from ldm.modules.encoders import tokenizers
 from ldm.modules.encoders.modules import BERTEmbedder, BERTTokenizer, FrozenCLIPEmbedder
 from ldm.util import instantiate_from_config

@@ -245,8 +245,8 @@ def test_manager_wrong_width_and_more_vectors_than_configured(embedder, tmp_path
     assert out.shape == (1, 77, 32) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_inspect_command_nearest_words(tmp_path):
-    sys.path.insert(0, str(REPO / "tests"))
     from tiny_models import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint("ldm", tmp_path / "ldm.ckpt")

@@ -19,10 +19,9 @@ from ldm.inference import load_model_from_config, prompt_warnings, sample_images
 from ldm.modules.embedding_formats import save_original
 from ldm.provenance import read_png_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import TINY_CONFIGS, make_tiny_checkpoint  # noqa: E402
+from paths import REPO
+from tiny_models import TINY_CONFIGS, make_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--H", "16", "--W", "16", "--ddim_steps", "2", "--precision", "full", "--device", "cpu"]
 TABLE_KEY = {"sd": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", "ldm": "cond_stage_model.transformer.token_emb.weight"}
 SCULPTURE = {"sd": 8757, "ldm": 6743}  # the init word's token in the CLIP / BERT vocabularies
@@ -49,6 +48,7 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+@pytest.mark.slow
 def test_sd_script_files_names_metadata_and_counters(ckpts, tmp_path):
     emb = save_original(tmp_path / "embeddings.pt", {"*": token_row(ckpts["sd"], "sd", SCULPTURE["sd"])}, {"*": STAR["sd"]})
     out = tmp_path / "out"
@@ -78,6 +78,7 @@ def test_sd_script_files_names_metadata_and_counters(ckpts, tmp_path):
     assert np.array_equal(pixels(out / "samples" / "00004.png"), pixels(out / "samples" / "00000.png"))
 
 
+@pytest.mark.slow
 def test_ldm_learned_embedding_changes_the_output(ckpts, tmp_path):
     """One run, three prompts: '*' holds the init word's vector, '@' a learned (moved) one, then the init word itself."""
     init = token_row(ckpts["ldm"], "ldm", SCULPTURE["ldm"])
@@ -134,6 +135,7 @@ class EvilPayload:
         return (open, (str(self.marker), "w"))
 
 
+@pytest.mark.slow
 def test_bad_input_in_the_real_scripts_one_line_exit_2(ckpts, tmp_path):
     torch.save({"string_to_param": EvilPayload(tmp_path / "marker")}, tmp_path / "evil.pt")
     cases = [

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FIXTURES, REPO
+from paths import FIXTURES, REPO
 from ldm.checkpoint import load_state_dict
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.util import instantiate_from_config

@@ -1,19 +1,22 @@
-"""The real ``main.py`` in subprocesses on tiny random-weight LDM and SD models (CPU, a few steps)."""
+"""The real ``main.py`` on tiny random-weight LDM and SD models (CPU, a few steps): in subprocesses where the process
+matters (files of a whole run, kill and resume, SIGTERM, DDP), else in this process (``main_in_process``)."""
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
+from paths import REPO
 from tiny_models import TINY_CONFIGS, make_concept_folder, make_tiny_checkpoint
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+STEPS_DONE = re.compile(r"Epoch \d+: .*?\b([2-9]|\d\d+)/\d+")  # the progress bar after two batches of an epoch
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +31,7 @@ def workspace(tmp_path_factory):
 
 
 def run_main(ws, *args, family="ldm", check=True, timeout=240):
-    cmd = [sys.executable, str(REPO / "main.py"), "--base", str(TINY_CONFIGS[family]), "-t", "--actual_resume", str(ws[family]),
-           "-n", "run", "--data_root", str(ws["data"]), "-l", str(ws["root"] / "logs"), *args]
+    cmd = [sys.executable, str(REPO / "main.py"), *main_args(ws, *args, family=family)]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -46,6 +48,7 @@ def read_embedding(path):
     return emb
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,width", [("ldm", 32), ("sd", 32)])
 def test_inversion_writes_the_original_files(workspace, family, width):
     proc = run_main(workspace, "--init_word", "dog", "lightning.trainer.log_every_n_steps=1", family=family)
@@ -72,8 +75,14 @@ def test_inversion_writes_the_original_files(workspace, family, width):
     assert (run / "loss.png").exists()
 
 
-def test_placeholder_string_reaches_the_captions(workspace):
-    run_main(workspace, "--placeholder_string", "@", "--init_word", "dog", "--max_steps", "2")
+def main_args(ws, *args, family="ldm"):
+    return ["--base", str(TINY_CONFIGS[family]), "-t", "--actual_resume", str(ws[family]), "-n", "run", "--data_root", str(ws["data"]),
+            "-l", str(ws["root"] / "logs"), *args]
+
+
+def test_placeholder_string_reaches_the_captions(workspace, main_in_process):
+    proc = main_in_process(main_args(workspace, "--placeholder_string", "@", "--init_word", "dog", "--max_steps", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     run = newest_run(workspace)
     emb = read_embedding(run / "checkpoints" / "embeddings.pt")
     assert list(emb["string_to_param"]) == ["@"]
@@ -81,6 +90,7 @@ def test_placeholder_string_reaches_the_captions(workspace):
     assert "placeholder_token: '@'" in project
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_the_run(workspace):
     cmd = [sys.executable, str(REPO / "main.py"), "--base", str(TINY_CONFIGS["ldm"]), "-t", "--actual_resume", str(workspace["ldm"]),
            "-n", "resume", "--data_root", str(workspace["data"]), "-l", str(workspace["root"] / "logs_resume"), "--max_steps", "400",
@@ -96,30 +106,37 @@ def test_resume_after_kill_continues_the_run(workspace):
     proc.kill()  # SIGKILL: no chance to save anything more
     proc.wait()
     assert last is not None and last.exists()
-    before = torch.load(last, weights_only=True)
+    before = torch.load(last, weights_only=True)  # may be newer than the one seen: the run went on until killed
+    target = before["global_step"] + 4
     run = last.parent.parent
     done = subprocess.run([sys.executable, str(REPO / "main.py"), "-r", str(run), "-t", "--actual_resume", str(workspace["ldm"]),
-                           "--data_root", str(workspace["data"]), "--max_steps", "12"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+                           "--data_root", str(workspace["data"]), "--max_steps", str(target)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert before["global_step"] >= 8 and after["global_step"] == 12
+    assert before["global_step"] >= 8 and after["global_step"] == target
     assert "exp_avg" in str(after["optimizer_states"][0]["state"][0].keys())
-    assert (run / "checkpoints" / "embeddings_gs-11.pt").exists()
+    assert (run / "checkpoints" / f"embeddings_gs-{target - 1}.pt").exists()
     assert not list(run.glob("checkpoints/.*"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_embedding(workspace):
     logs = workspace["root"] / "logs_term"
     cmd = [sys.executable, str(REPO / "main.py"), "--base", str(TINY_CONFIGS["ldm"]), "-t", "--actual_resume", str(workspace["ldm"]),
            "-n", "term", "--data_root", str(workspace["data"]), "-l", str(logs), "--max_steps", "100000",
            "lightning.modelcheckpoint.params.every_n_train_steps=100000", "lightning.callbacks.image_logger.params.batch_frequency=100000"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(lambda: proc.stdout.read(64), "")), daemon=True)
+    reader.start()
     deadline = time.time() + 120
-    while time.time() < deadline and not list(logs.glob("*/configs/*-project.yaml")):
-        time.sleep(0.2)
-    time.sleep(3)
+    while time.time() < deadline and not STEPS_DONE.search("".join(output)) and proc.poll() is None:
+        time.sleep(0.1)  # until the progress bar shows two training steps done
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    out = "".join(output)
+    assert STEPS_DONE.search(out), out[-2000:]  # the signal came during training
     assert proc.returncode != 0
     emb = list(logs.glob("*/checkpoints/embeddings.pt"))
     assert emb, out[-2000:]
@@ -150,6 +167,7 @@ def test_only_the_embedding_changes(workspace, tmp_path):
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("embedding_manager"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_write_one_run(workspace):
     logs = workspace["root"] / "logs_ddp"
     proc = subprocess.run(
@@ -166,8 +184,9 @@ def test_ddp_two_processes_write_one_run(workspace):
     read_embedding(runs[0] / "checkpoints" / "embeddings.pt")
 
 
-def test_bf16_mixed_precision_on_cpu(workspace):
-    run_main(workspace, "--precision", "bf16-mixed", "--max_steps", "2")
+def test_bf16_mixed_precision_on_cpu(workspace, main_in_process):
+    proc = main_in_process(main_args(workspace, "--precision", "bf16-mixed", "--max_steps", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     emb = read_embedding(newest_run(workspace) / "checkpoints" / "embeddings.pt")
     assert emb["string_to_param"]["*"].dtype == torch.float32
     assert torch.isfinite(emb["string_to_param"]["*"]).all()

@@ -1,4 +1,9 @@
-"""Bad input to main.py: one line on stderr naming the file or flag, exit status 2, no traceback."""
+"""Bad input to main.py: one line on stderr naming the file or flag, exit status 2, no traceback.
+
+Most cases call ``main.main`` in this process through ``run_cli``, as the real command does, without the seconds
+of a fresh interpreter (the ``main_in_process`` fixture of conftest.py); two run the real command in a subprocess,
+to check the exit status and stderr end to end.
+"""
 import os
 import subprocess
 import sys
@@ -6,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from paths import REPO
 from tiny_models import TINY_CONFIGS, make_concept_folder, make_tiny_checkpoint
 
 ENV_KEYS = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -33,9 +38,13 @@ def ws(tmp_path_factory):
     }
 
 
-def main_py(ws, *args, base=None, ckpt=None, data=None):
-    cmd = [sys.executable, str(REPO / "main.py"), "--base", str(base or TINY_CONFIGS["ldm"]), "-t", "--actual_resume", str(ckpt or ws["ldm"]),
-           "--data_root", str(data or ws["data"]), "-l", str(ws["root"] / "logs"), "--max_steps", "1", *args]
+def main_args(ws, *args, base=None, ckpt=None, data=None):
+    return ["--base", str(base or TINY_CONFIGS["ldm"]), "-t", "--actual_resume", str(ckpt or ws["ldm"]),
+            "--data_root", str(data or ws["data"]), "-l", str(ws["root"] / "logs"), "--max_steps", "1", *args]
+
+
+def main_subprocess(argv):
+    cmd = [sys.executable, str(REPO / "main.py"), *argv]
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV_KEYS}, capture_output=True, text=True, timeout=240)
 
 
@@ -48,71 +57,91 @@ def assert_one_line_error(proc, *needles):
         assert needle in last, last
 
 
-def test_missing_data_root(ws):
-    assert_one_line_error(main_py(ws, data=ws["root"] / "nope"), str(ws["root"] / "nope"), "--data_root")
+def test_missing_data_root(ws, main_in_process):
+    assert_one_line_error(main_in_process(main_args(ws, data=ws["root"] / "nope")), str(ws["root"] / "nope"), "--data_root")
 
 
-def test_empty_data_root(ws):
-    assert_one_line_error(main_py(ws, data=ws["empty"]), str(ws["empty"]))
+def test_empty_data_root(ws, main_in_process):
+    assert_one_line_error(main_in_process(main_args(ws, data=ws["empty"])), str(ws["empty"]))
 
 
-def test_data_root_without_a_readable_image(ws):
-    assert_one_line_error(main_py(ws, data=ws["broken"]), str(ws["broken"]))
+def test_data_root_without_a_readable_image(ws, main_in_process):
+    assert_one_line_error(main_in_process(main_args(ws, data=ws["broken"])), str(ws["broken"]))
 
 
-def test_corrupt_image_is_skipped_with_a_warning(ws):
-    proc = main_py(ws, data=ws["mixed"])
+def test_corrupt_image_is_skipped_with_a_warning(ws, main_in_process):
+    proc = main_in_process(main_args(ws, data=ws["mixed"]))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "zz_bad.png" in proc.stderr
 
 
-def test_filewords_template_without_caption_files(ws):
-    proc = main_py(ws, 'data.params.train.params.templates=["a photo of a [filewords] {}"]')
+def test_filewords_template_without_caption_files(ws, main_in_process):
+    proc = main_in_process(main_args(ws, 'data.params.train.params.templates=["a photo of a [filewords] {}"]'))
     assert_one_line_error(proc, "caption file", ".txt' is missing", "[filewords]")
 
 
-def test_override_that_is_not_yaml(ws):
-    proc = main_py(ws, "data.params.train.params.templates=[a photo of a [filewords] {}]")
+def test_override_that_is_not_yaml(ws, main_in_process):
+    proc = main_in_process(main_args(ws, "data.params.train.params.templates=[a photo of a [filewords] {}]"))
     assert_one_line_error(proc, "config override failed", "not valid YAML", "quote")
 
 
-def test_missing_checkpoint(ws):
-    assert_one_line_error(main_py(ws, ckpt=ws["root"] / "missing.ckpt"), "missing.ckpt", "does not exist")
+def test_missing_checkpoint(ws, main_in_process):
+    assert_one_line_error(main_in_process(main_args(ws, ckpt=ws["root"] / "missing.ckpt")), "missing.ckpt", "does not exist")
 
 
-def test_checkpoint_that_is_not_one(ws):
-    assert_one_line_error(main_py(ws, ckpt=ws["junk"]), "junk.ckpt")
+def test_checkpoint_that_is_not_one(ws, main_in_process):
+    assert_one_line_error(main_in_process(main_args(ws, ckpt=ws["junk"])), "junk.ckpt")
 
 
-def test_yaml_given_as_checkpoint(ws):
-    assert_one_line_error(main_py(ws, ckpt=TINY_CONFIGS["ldm"]), "config file, not a checkpoint")
+def test_yaml_given_as_checkpoint(ws, main_in_process):
+    assert_one_line_error(main_in_process(main_args(ws, ckpt=TINY_CONFIGS["ldm"])), "config file, not a checkpoint")
 
 
-def test_checkpoint_of_the_wrong_family(ws):
-    assert_one_line_error(main_py(ws, ckpt=ws["sd"]), "sd.ckpt", "SD v1", "LDM")
+@pytest.mark.slow
+def test_checkpoint_of_the_wrong_family_real_command(ws):
+    """Subprocess smoke test: the real interpreter exits 2 with the one line, after building the model."""
+    assert_one_line_error(main_subprocess(main_args(ws, ckpt=ws["sd"])), "sd.ckpt", "SD v1", "LDM")
 
 
-def test_multi_token_placeholder(ws):
-    assert_one_line_error(main_py(ws, "--placeholder_string", "zxqv"), "'zxqv'", "--placeholder_string")
+def test_multi_token_placeholder(ws, main_in_process):
+    assert_one_line_error(main_in_process(main_args(ws, "--placeholder_string", "zxqv")), "'zxqv'", "--placeholder_string")
 
 
-def test_embedding_of_the_wrong_width(ws):
-    assert_one_line_error(main_py(ws, "--embedding_manager_ckpt", str(ws["wide"])), "wide.pt", "768")
+def test_embedding_of_the_wrong_width(ws, main_in_process):
+    assert_one_line_error(main_in_process(main_args(ws, "--embedding_manager_ckpt", str(ws["wide"]))), "wide.pt", "768")
 
 
-def test_config_that_does_not_exist(ws):
-    assert_one_line_error(main_py(ws, base=ws["root"] / "nope.yaml"), "nope.yaml", "--base")
+def test_config_that_does_not_exist(ws, main_in_process):
+    assert_one_line_error(main_in_process(main_args(ws, base=ws["root"] / "nope.yaml")), "nope.yaml", "--base")
 
 
-def test_style_config_without_max_steps_asks_for_it(ws):
-    cmd = [sys.executable, str(REPO / "main.py"), "--base", str(REPO / "configs/latent-diffusion/txt2img-1p4B-finetune_style.yaml"), "-t",
-           "--actual_resume", str(ws["ldm"]), "--data_root", str(ws["data"]), "-l", str(ws["root"] / "logs")]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV_KEYS}, capture_output=True, text=True, timeout=240)
-    assert_one_line_error(proc, "--max_steps")
+def test_style_config_without_max_steps_asks_for_it(ws, main_in_process):
+    argv = ["--base", str(REPO / "configs/latent-diffusion/txt2img-1p4B-finetune_style.yaml"), "-t", "--actual_resume", str(ws["ldm"]),
+            "--data_root", str(ws["data"]), "-l", str(ws["root"] / "logs")]
+    assert_one_line_error(main_in_process(argv), "--max_steps")
 
 
-def test_nan_loss_stops_and_keeps_the_embedding(ws):
-    proc = main_py(ws, "model.params.l_simple_weight=.nan", "--max_steps", "3")
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_embedding_real_command(ws):
+    """Subprocess smoke test: an error in the middle of training, through Lightning, is still one line and exit 2."""
+    proc = main_subprocess(main_args(ws, "model.params.l_simple_weight=.nan", "--max_steps", "3"))
     assert_one_line_error(proc, "loss became NaN or infinite")
     saved = max((ws["root"] / "logs").glob("*/checkpoints/embeddings.pt"), key=lambda p: p.stat().st_mtime)
     assert torch.isfinite(torch.load(saved, weights_only=True)["string_to_param"]["*"]).all()
+
+
+def test_debug_opens_the_debugger_and_moves_the_run(ws, main_in_process, monkeypatch, tmp_path):
+    """-d/--debug, as the original: post-mortem on an error, and the new run folder ends up in <logdir>/debug_runs."""
+    import pdb
+
+    opened = []
+    monkeypatch.setattr(pdb, "post_mortem", lambda *a: opened.append(sys.exc_info()[0]))
+    logs = tmp_path / "logs"
+    proc = main_in_process([*main_args(ws, "model.params.l_simple_weight=.nan", "--max_steps", "2"), "-l", str(logs), "-d", "-n", "dbg"])
+    assert_one_line_error(proc, "loss became NaN or infinite")
+    assert opened and opened[0].__name__ == "NonFiniteLossError"
+    (run,) = (logs / "debug_runs").iterdir()
+    assert run.name.endswith("_dbg") and (run / "checkpoints" / "embeddings.pt").exists()
+    assert [p.name for p in logs.iterdir()] == ["debug_runs"]
+    proc = main_in_process([*main_args(ws), "-l", str(tmp_path / "plain")])
+    assert proc.returncode == 0 and not opened[1:] and not (tmp_path / "plain" / "debug_runs").exists()

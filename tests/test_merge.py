@@ -17,10 +17,9 @@ import merge_embeddings
 from ldm.generate import SD_DEFAULTS, build_parser, generate
 from ldm.modules.embedding_formats import read_embeddings, save_original
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import TINY_CONFIGS, make_tiny_checkpoint  # noqa: E402
+from paths import REPO
+from tiny_models import TINY_CONFIGS, make_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 CLIP_IDS = {"*": 265, "@": 287, "&": 261, "dog": 1929, "cat": 2368}
 TABLE_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 
@@ -40,6 +39,7 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_merged_placeholders_both_work_in_one_prompt(tmp_path):
     ckpt = make_tiny_checkpoint("sd", tmp_path / "sd.ckpt")
     table = torch.load(ckpt, weights_only=True)["state_dict"][TABLE_KEY]

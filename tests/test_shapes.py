@@ -138,6 +138,7 @@ def _concept_loss(model, vectors: torch.Tensor, n: int = 64) -> float:
     return float(((pred - target) ** 2).mean())
 
 
+@pytest.mark.slow
 def test_short_inversion_moves_the_embedding_and_lowers_the_loss(inversion_run):
     from ldm.inference import load_model_from_config
 
@@ -150,9 +151,9 @@ def test_short_inversion_moves_the_embedding_and_lowers_the_loss(inversion_run):
     assert _concept_loss(model, learned) < _concept_loss(model, init)
 
 
+@pytest.mark.slow
 def test_evaluator_returns_shares_in_range(inversion_run, tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    from evaluate_model import main
+    from scripts.evaluate_model import main
 
     results = main([
         "--embedding_path", str(inversion_run / "checkpoints" / "embeddings.pt"), "--n_samples", "4",
@@ -170,11 +171,11 @@ def test_evaluator_returns_shares_in_range(inversion_run, tmp_path):
 STORED = REPO / "models" / "shapes" / "embeddings"
 
 
+@pytest.mark.slow
 def test_evaluator_reproduces_the_published_numbers_on_the_stored_embedding(tmp_path):
     """The README's table comes from ``models/shapes/embeddings/judge_results.json`` (64 samples per prompt); 16 samples
     from the same seed give the stored 16-sample numbers, and stay near the published ones."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from evaluate_model import main
+    from scripts.evaluate_model import main
 
     results = main(["--embedding_path", str(STORED / "orange_cross_and_pink.pt"), "--n_samples", "16",
                     "--no_baselines", "--outdir", str(tmp_path)])

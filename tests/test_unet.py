@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FIXTURES, REFERENCE
+from paths import FIXTURES, REFERENCE
 from ldm.modules.diffusionmodules import util
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import instantiate_from_config
