@@ -130,14 +130,32 @@ class DDIMSampler:
         schedule = self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=False)
         img = start_noise(self.model, batch_size, shape, x_T, generator)
         intermediates, on_step = original_callbacks(img, len(schedule), log_every_t, callback, img_callback)
+        eps = self.guided(conditioning, unconditional_conditioning, unconditional_guidance_scale)
+        samples = self.run(eps, img, schedule, on_step, eta=eta, generator=generator, quantize_x0=quantize_x0, mask=mask, x0=x0,
+                           temperature=temperature, noise_dropout=noise_dropout, verbose=verbose)
+        return samples, intermediates
+
+    def run(
+        self,
+        eps: EpsFn,
+        img: torch.Tensor,
+        schedule: DDIMSchedule,
+        callback: StepCallback,
+        *,
+        eta: float,
+        generator: torch.Generator | None,
+        quantize_x0: bool,
+        mask: torch.Tensor | None,
+        x0: torch.Tensor | None,
+        temperature: float,
+        noise_dropout: float,
+        verbose: bool,
+    ) -> torch.Tensor:
+        """The sampler proper, given what :meth:`sample` prepared: here :func:`sample_ddim`."""
         # the original's inpainting: before each step, the known region (mask 1) is x0 noised to t
         blend = None if mask is None else (lambda x, ts: self.model.q_sample(x0, ts) * mask + (1.0 - mask) * x)
-        samples = sample_ddim(
-            self.guided(conditioning, unconditional_conditioning, unconditional_guidance_scale), img, schedule,
-            eta=eta, generator=generator, callback=on_step, temperature=temperature, noise_dropout=noise_dropout,
-            quantize=self._quantizer(quantize_x0), blend=blend, verbose=verbose,
-        )
-        return samples, intermediates
+        return sample_ddim(eps, img, schedule, eta=eta, generator=generator, callback=callback, temperature=temperature,
+                           noise_dropout=noise_dropout, quantize=self._quantizer(quantize_x0), blend=blend, verbose=verbose)
 
     def _quantizer(self, quantize: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return (lambda x0: self.model.first_stage_model.quantize(x0)[0]) if quantize else None
