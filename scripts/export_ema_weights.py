@@ -28,9 +28,9 @@ logger = logging.getLogger("export_ema_weights")
 
 def ema_state_dict(config_path: str, ckpt_path: str, half: bool = True) -> tuple[dict[str, torch.Tensor], int]:
     """The model's state dict with the EMA weights in place (no ``model_ema.*``), and the checkpoint's global step."""
+    checkpoint = load_checkpoint(ckpt_path, what="--ckpt")  # first: a bad file is reported before the model is built
     config = OmegaConf.load(config_path)
     model = instantiate_from_config(config.model)
-    checkpoint = load_checkpoint(ckpt_path, what="--ckpt")
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     if model.use_ema:
         model.model_ema.copy_to(model.model)
