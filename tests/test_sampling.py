@@ -65,3 +65,38 @@ def test_classifier_free_guidance_extrapolates_from_the_unconditional():
     cond, uncond = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
     assert cfg_eps(model_eps, cond)(x, t).flatten().tolist() == [1.0, 2.0]
     assert cfg_eps(model_eps, cond, uncond, 3.0)(x, t).flatten().tolist() == [3.0, 4.0]
+
+
+class ZeroNoiseModel(torch.nn.Module):
+    """The part of LatentDiffusion the sampler adapters use, predicting no noise at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", ALPHAS_CUMPROD)
+        self.register_buffer("betas", torch.zeros(1000))
+
+    def apply_model(self, x, t, c):
+        return torch.zeros_like(x)
+
+    def eps_from_output(self, x, t, output):
+        return output
+
+
+def test_adapters_keep_the_original_api():
+    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.models.diffusion.plms import PLMSSampler
+
+    model = ZeroNoiseModel()
+    sampler = DDIMSampler(model)
+    with pytest.raises(RuntimeError, match="make_schedule"):
+        sampler.p_sample_ddim(torch.zeros(1, 1, 2, 2), None, torch.zeros(1, dtype=torch.long), 0)
+    steps = []
+    x_T = torch.ones(1, 1, 2, 2)
+    samples, inter = sampler.sample(S=10, batch_size=1, shape=(1, 2, 2), x_T=x_T, log_every_t=4, verbose=False, callback=steps.append)
+    assert steps == list(range(10)) and len(inter["x_inter"]) == len(inter["pred_x0"]) == 1 + 4  # x_T, indices 9, 8, 4, 0
+    torch.testing.assert_close(samples, sample_ddim(lambda x, t: torch.zeros_like(x), x_T, sampler.ddim_schedule, verbose=False))
+    assert sampler.ddim_alphas_prev.dtype == np.float64 and torch.equal(sampler.ddim_sigmas, torch.zeros(10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="eta must be 0"):
+        PLMSSampler(model).sample(S=10, batch_size=1, shape=(1, 2, 2), eta=0.5, verbose=False)
+    plms, _ = PLMSSampler(model).sample(S=10, batch_size=1, shape=(1, 2, 2), x_T=x_T, verbose=False)
+    torch.testing.assert_close(plms, samples)
