@@ -214,6 +214,7 @@ def sample_plms(
         e_t = eps_fn(x, ts)
         if not old_eps:
             x_euler, _ = ddim_update(x, e_t, scalars)
+            # the original's clamp, kept: with a single step the "next" timestep is the current one
             t_next = torch.full_like(ts, int(time_range[min(i + 1, len(time_range) - 1)]))
             e_prime = (e_t + eps_fn(x_euler, t_next)) / 2
         else:
