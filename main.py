@@ -5,7 +5,8 @@
 
 This file only wires things together: command line -> merged config -> model, data, Trainer and callbacks. The
 pieces live under ``ldm/train/``; the config-facing names ``main.DataModuleFromConfig`` and ``main.ImageLogger``
-are re-exported here.
+are re-exported here (imported on first use). Lightning, torch and the models are imported only once the command
+line has been parsed, so ``--help`` and argument errors answer at once.
 """
 from __future__ import annotations
 
@@ -15,23 +16,40 @@ import os
 import signal
 import sys
 import warnings
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
-import pytorch_lightning as pl
-import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from ldm.data.images import list_image_files, validate_image_folder
-from ldm.train.callbacks import AtomicCheckpointIO, EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
+from ldm.config import ConfigError, check_target_params
 from ldm.train.cli import count_devices, get_parser, load_configs, parse_devices, resolve_run, split_unknown
-from ldm.train.data import DataModuleFromConfig
-from ldm.train.errors import ConfigError, run_cli
-from ldm.util import instantiate_from_config
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 __all__ = ["DataModuleFromConfig", "ImageLogger", "main"]
 
 logger = logging.getLogger("main")
+
+# Lightning messages that every run would print, each answered by design (see silence_expected_warnings).
+EXPECTED_WARNINGS = (
+    r".*module\(s\) in eval mode.*",  # the frozen parts stay in eval mode on purpose
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*Checkpoint directory .* exists and is not empty.*",  # -r resumes into the run's own checkpoint folder
+    r".*`validation_step` but have no `val_dataloader`.*",  # inversion configs have no validation set
+)
+
+
+def __getattr__(name: str) -> Any:
+    """``main.DataModuleFromConfig`` and ``main.ImageLogger``, the names the original configs use as targets."""
+    if name == "DataModuleFromConfig":
+        from ldm.train.data import DataModuleFromConfig
+
+        return DataModuleFromConfig
+    if name == "ImageLogger":
+        from ldm.train.callbacks import ImageLogger
+
+        return ImageLogger
+    raise AttributeError(f"module 'main' has no attribute '{name}'")
 
 
 def trainer_settings(opt: Any, extra: dict[str, Any], lightning_config: Any) -> tuple[dict[str, Any], int]:
@@ -82,6 +100,11 @@ def personalize(config: Any, opt: Any) -> None:
 
 
 def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, resume: bool) -> list[pl.Callback]:
+    import pytorch_lightning as pl
+
+    from ldm.train.callbacks import EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
+    from ldm.util import instantiate_from_config
+
     callbacks: list[pl.Callback] = [
         SetupCallback(resume, run.now, str(run.logdir), str(run.ckptdir), str(run.cfgdir), config, lightning_config),
         pl.callbacks.LearningRateMonitor(logging_interval="step"),
@@ -116,27 +139,61 @@ def check_actual_resume(opt: Any, config: Any) -> None:
         raise ConfigError("--actual_resume is required: the pretrained model checkpoint to invert against")
 
 
-def main() -> None:
+def check_placeholder_words(config: Any) -> None:
+    """Refuse a placeholder or init word the config's tokenizer does not know before the model is built (minutes
+    for the real models); the EmbeddingManager checks the same again."""
+    from ldm.modules.placeholders import check_personalization
+
+    encoder = OmegaConf.select(config, "model.params.cond_stage_config")
+    pers = OmegaConf.select(config, "model.params.personalization_config.params")
+    if isinstance(encoder, DictConfig) and isinstance(pers, DictConfig):
+        check_personalization(encoder, pers)
+
+
+def silence_expected_warnings() -> None:
+    """Lightning's warnings that every run would show, though each is intended (see :data:`EXPECTED_WARNINGS`)."""
+    for pattern in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line (``--help`` answers here, before any heavy import), then train or test."""
+    opt, unknown = get_parser().parse_known_args(argv)
+    from ldm.train.errors import run_cli
+
+    run_cli(lambda: train_or_test(opt, unknown))
+
+
+def train_or_test(opt: Any, unknown: list[str]) -> None:
+    """Everything after parsing: config, checks, model, data, Trainer; fit (with -t) and test (when configured)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # the frozen parts stay in eval mode on purpose
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    torch.set_float32_matmul_precision("high")
+    silence_expected_warnings()
+    # configs may name classes of the folder the command runs in (as upstream LDM's main.py allowed)
     sys.path.insert(0, os.getcwd())
-    opt, unknown = get_parser().parse_known_args()
     dotlist, extra = split_unknown(unknown)
     if opt.resume_from_checkpoint:
         opt.resume = opt.resume_from_checkpoint
     run = resolve_run(opt)
     config = load_configs(run.resumed_configs + list(opt.base), dotlist)
+    check_target_params(config)
     lightning_config = config.pop("lightning", OmegaConf.create())
     personalize(config, opt)
     check_actual_resume(opt, config)
+    check_placeholder_words(config)
+    from ldm.data.images import list_image_files, validate_image_folder
+
     if opt.data_root:
         validate_image_folder(opt.data_root)
     elif "personalization_config" in config.model.params and opt.train:
         raise ConfigError("--data_root is required: the folder of the concept's images")
     os.environ.setdefault("TI_RUN_DIR", str(run.logdir))
+    import pytorch_lightning as pl
+    import torch
+
+    from ldm.train.callbacks import AtomicCheckpointIO
+    from ldm.util import instantiate_from_config
+
+    torch.set_float32_matmul_precision("high")
     pl.seed_everything(opt.seed, workers=True)
 
     settings, ngpu = trainer_settings(opt, extra, lightning_config)
@@ -180,4 +237,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

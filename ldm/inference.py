@@ -18,8 +18,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import CheckpointError, load_checkpoint, state_dict_from_checkpoint
-from ldm.train.errors import ConfigError
+from ldm.checkpoint import load_checkpoint, require_weights
+from ldm.config import ConfigError, load_model_config
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -46,16 +46,10 @@ def resolve_config_path(config: str | os.PathLike) -> Path:
 
 
 def load_config(config: str | os.PathLike | DictConfig) -> DictConfig:
+    """A model config: ``config`` itself, or the file it names (see :func:`resolve_config_path`)."""
     if isinstance(config, DictConfig):
         return config
-    path = resolve_config_path(config)
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as err:  # any YAML/OmegaConf parse failure means the same thing to the user
-        raise ConfigError(f"--config: '{path}' is not a readable YAML config ({type(err).__name__})") from err
-    if not isinstance(loaded, DictConfig) or "model" not in loaded:
-        raise ConfigError(f"--config: '{path}' has no 'model' section; pass a model config such as {SD_CONFIG}")
-    return loaded
+    return load_model_config(resolve_config_path(config), "--config", SD_CONFIG)
 
 
 def load_model_from_config(
@@ -75,9 +69,7 @@ def load_model_from_config(
     checkpoint = load_checkpoint(ckpt, what=ckpt_flag)
     if "global_step" in checkpoint:
         logger.info("checkpoint %s: global step %s", ckpt, checkpoint["global_step"])
-    state_dict = state_dict_from_checkpoint(checkpoint)
-    if not state_dict:
-        raise CheckpointError(f"{ckpt_flag}: '{ckpt}' holds no model weights (an embedding file? pass that with --embedding_path)")
+    state_dict = require_weights(checkpoint, ckpt, ckpt_flag)
     has_personalization = OmegaConf.select(cfg, "model.params.personalization_config") is not None
     if embedding_path is not None and not has_personalization:
         raise ConfigError(f"config '{config_name}' has no personalization_config, so it cannot use --embedding_path; use {LDM_CONFIG} or {SD_CONFIG}")

@@ -54,7 +54,8 @@ def test_merged_placeholders_both_work_in_one_prompt(tmp_path):
     assert "Managers merged. Final list of placeholders:" in result.stdout and f"'@': '{cat}'" in result.stdout
     raw = torch.load(merged, weights_only=True)
     assert {k: int(v) for k, v in raw["string_to_token"].items()} == {"*": 265, "@": 287}
-    assert raw["merged_from"]["@"]["file"] == str(cat) and raw["merged_from"]["@"]["placeholder"] == "*"
+    # the record holds the file's name, never the machine's folders (issue 12, defect 5)
+    assert raw["merged_from"]["@"]["file"] == "cat.pt" and raw["merged_from"]["@"]["placeholder"] == "*"
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of * and @\na photo of dog and cat\n", encoding="utf-8")

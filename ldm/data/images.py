@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from ldm.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -209,17 +210,9 @@ def save_image_grid(
 
 
 def _atomic_save(image: Image.Image, target: Path) -> None:
-    """Save through a temporary file next to ``target`` and ``os.replace`` it into place."""
+    """Save through :func:`ldm.io.atomic_write` in the format ``target``'s suffix names."""
     image_format = Image.registered_extensions().get(target.suffix.lower())
     if image_format is None:
         raise ValueError(f"cannot tell the image format of '{target}'; use a .png or .jpg file name")
     options = {"quality": 95} if image_format == "JPEG" else {}
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format=image_format, **options)
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda temp: image.save(temp, format=image_format, **options))

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from ldm.checkpoint import atomic_torch_save
 from ldm.data.images import save_image_grid
+from ldm.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ class SetupCallback(pl.Callback):
             return
         for folder in (self.logdir, self.ckptdir, self.cfgdir):
             folder.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, self.cfgdir / f"{self.now}-project.yaml")
-        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}), self.cfgdir / f"{self.now}-lightning.yaml")
+        atomic_write_text(self.cfgdir / f"{self.now}-project.yaml", OmegaConf.to_yaml(self.config))
+        atomic_write_text(self.cfgdir / f"{self.now}-lightning.yaml", OmegaConf.to_yaml({"lightning": self.lightning_config}))
         logger.info("Project config\n%s", OmegaConf.to_yaml(self.config))
 
 
@@ -175,5 +176,5 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path, key: str = "train/loss_ste
     ax.set_title("training loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    atomic_write(out_png, lambda temp: fig.savefig(temp, dpi=100, format="png"))
     plt.close(fig)

@@ -7,16 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ldm.checkpoint import CheckpointError
+from ldm.config import ConfigError
 from ldm.data.images import DataRootError, ImageLoadError
 from ldm.data.personalized import TemplateError
 from ldm.models.diffusion.training import NonFiniteLossError
 from ldm.modules.embedding_manager import EmbeddingFileError, PlaceholderError
 
 logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config file or command-line option that cannot be used; ``str()`` is a one-line message."""
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
