@@ -71,6 +71,13 @@ def parse_renames(values: Sequence[str], files: Sequence[str]) -> list[Rename]:
     return renames
 
 
+def recorded_path(path: str) -> str:
+    """How the merge record names a source file: as given when that is a path inside the folder the merge ran in,
+    else by its name; never a machine's absolute folders (the sha256 beside it identifies the file)."""
+    given = Path(path)
+    return given.as_posix() if not given.is_absolute() and ".." not in given.parts else given.name
+
+
 class Merger:
     """Collects placeholders file by file, resolving clashes by rename rules, automatically, or by asking."""
 
@@ -117,8 +124,7 @@ class Merger:
             name, token_id = self.place(path, placeholder, loaded.token_ids.get(placeholder))
             self.vectors[name] = vector
             self.token_ids[name] = token_id
-            # the file's name, not its path: records never hold a machine's folders (the hash identifies the file)
-            self.sources[name] = {"file": Path(path).name, "placeholder": placeholder, "sha256": digest}
+            self.sources[name] = {"file": recorded_path(path), "placeholder": placeholder, "sha256": digest}
             self.given[name] = str(path)
 
     def taken_by(self, name: str, token_id: int | None) -> str | None:

@@ -102,13 +102,14 @@ def state_dict_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def looks_like_embedding(ckpt: dict[str, Any]) -> bool:
     """Whether a loaded file is a textual-inversion embedding (any common layout) rather than model weights."""
-    keys = [str(k) for k in ckpt]
-    if "state_dict" in ckpt:
+    entries = ckpt.get("state_dict", ckpt)  # a .safetensors file arrives as {"state_dict": its tensors}
+    if not isinstance(entries, dict):
         return False
-    if "string_to_param" in ckpt or "emb_params" in ckpt or any(k.startswith("string_to_param.") for k in keys):
+    keys = [str(k) for k in entries]
+    if "string_to_param" in entries or "emb_params" in entries or any(k.startswith("string_to_param.") for k in keys):
         return True
-    tensors = [v for v in ckpt.values() if isinstance(v, torch.Tensor)]
-    return 0 < len(tensors) == len(ckpt) <= 16 and all(v.dim() in (1, 2) and "." not in k for k, v in zip(keys, tensors))
+    tensors = [v for v in entries.values() if isinstance(v, torch.Tensor)]
+    return 0 < len(tensors) == len(entries) <= 16 and all(v.dim() in (1, 2) and "." not in k for k, v in zip(keys, tensors))
 
 
 def require_weights(ckpt: dict[str, Any], path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ WRITABLE_FORMATS = (ORIGINAL, A1111, DIFFUSERS)
 KOHYA_PLACEHOLDER = "*"
 
 FAMILIES = {
+    64: "the shipped shapes model (models/shapes: BERT-style encoder, width 64)",
     768: "SD v1 (CLIP ViT-L/14, width 768)",
     1024: "SD v2 (OpenCLIP ViT-H/14, width 1024)",
     1280: "LDM-1.4B (BERT-style encoder, width 1280)",
