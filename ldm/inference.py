@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import load_checkpoint, require_weights
+from ldm.checkpoint import CheckpointError, load_checkpoint, require_weights
 from ldm.config import ConfigError, load_model_config
 from ldm.util import instantiate_from_config
 
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 LDM_CONFIG = "configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml"
+SHAPES_CONFIG = "configs/shapes/shapes-ldm-inference.yaml"
 # Strings that look like a placeholder: <token>, '*' and '@' (the README's), the Hebrew letters of per-image tokens.
 _PLACEHOLDER_LIKE = re.compile(r"<[^<>\s]+>|[*@]|[\u05d0-\u05ea]")
 
@@ -74,7 +75,13 @@ def load_model_from_config(
     if embedding_path is not None and not has_personalization:
         raise ConfigError(f"config '{config_name}' has no personalization_config, so it cannot use --embedding_path; use {LDM_CONFIG} or {SD_CONFIG}")
     model = instantiate_from_config(cfg.model)
-    model.load_pretrained(state_dict, str(ckpt))
+    try:
+        model.load_pretrained(state_dict, str(ckpt))
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{err}; or, if the checkpoint is the one you want, pass its config with --config (in use: '{config_name}'; "
+            f"the shipped shapes model's is {SHAPES_CONFIG})"
+        ) from err
     if getattr(model, "embedding_manager", None) is not None:
         if embedding_path is None:
             model.embedding_manager = None
