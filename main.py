@@ -36,7 +36,17 @@ EXPECTED_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",
     r".*Checkpoint directory .* exists and is not empty.*",  # -r resumes into the run's own checkpoint folder
     r".*`validation_step` but have no `val_dataloader`.*",  # inversion configs have no validation set
+    # -r from last.ckpt resumes mid-epoch; the batches are fresh random draws (crops, flips, captions) of a few images,
+    # so which draws come next does not matter
+    r".*resuming from a checkpoint that ended before the epoch ended.*",
 )
+
+
+class _DropLightningTips(logging.Filter):
+    """Lightning's "💡 Tip" advertisements (litlogger, litmodels) on every run: not about this run, so dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
 
 
 def __getattr__(name: str) -> Any:
@@ -113,7 +123,8 @@ def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, re
         EmbeddingRescue(str(run.ckptdir)),
         LossCurve(),
     ]
-    ckpt_params = {"dirpath": str(run.ckptdir), "filename": "{epoch:06}", "verbose": True, "save_last": True}
+    # one last.ckpt, replaced in place (EmbeddingRescue writes it too at the end; a counter would add last-v1.ckpt, ...)
+    ckpt_params = {"dirpath": str(run.ckptdir), "filename": "{epoch:06}", "verbose": True, "save_last": True, "enable_version_counter": False}
     ckpt_params.update(OmegaConf.to_container(lightning_config.get("modelcheckpoint", {}).get("params", {}), resolve=True))
     callbacks.append(pl.callbacks.ModelCheckpoint(**ckpt_params))
     configured = lightning_config.get("callbacks", {})
@@ -151,9 +162,11 @@ def check_placeholder_words(config: Any) -> None:
 
 
 def silence_expected_warnings() -> None:
-    """Lightning's warnings that every run would show, though each is intended (see :data:`EXPECTED_WARNINGS`)."""
+    """Lightning's warnings that every run would show, though each is intended (see :data:`EXPECTED_WARNINGS`), and
+    its tips."""
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropLightningTips())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
