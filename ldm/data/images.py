@@ -203,16 +203,14 @@ def save_image_grid(
         pixels = (pixels + 1.0) / 2.0
     grid = make_grid(pixels.clamp(0.0, 1.0), nrow=nrow, padding=padding)
     array = grid.mul(255.0).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(Image.fromarray(array), target)
-    return target
+    return save_image(Image.fromarray(array), path)
 
 
-def _atomic_save(image: Image.Image, target: Path) -> None:
-    """Save through :func:`ldm.io.atomic_write` in the format ``target``'s suffix names."""
+def save_image(image: Image.Image, target: str | os.PathLike) -> Path:
+    """Save ``image`` through :func:`ldm.io.atomic_write` in the format its suffix names (``.png``, ``.jpg``, ...)."""
+    target = Path(target)
     image_format = Image.registered_extensions().get(target.suffix.lower())
     if image_format is None:
         raise ValueError(f"cannot tell the image format of '{target}'; use a .png or .jpg file name")
     options = {"quality": 95} if image_format == "JPEG" else {}
-    atomic_write(target, lambda temp: image.save(temp, format=image_format, **options))
+    return atomic_write(target, lambda temp: image.save(temp, format=image_format, **options))
