@@ -49,6 +49,9 @@ class _DropLightningTips(logging.Filter):
         return not record.getMessage().startswith("💡 Tip")
 
 
+_DROP_TIPS = _DropLightningTips()
+
+
 def __getattr__(name: str) -> Any:
     """``main.DataModuleFromConfig`` and ``main.ImageLogger``, the names the original configs use as targets."""
     if name == "DataModuleFromConfig":
@@ -166,7 +169,7 @@ def silence_expected_warnings() -> None:
     its tips."""
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropLightningTips())
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DROP_TIPS)  # added once however often called
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -3,14 +3,17 @@
 ``python merge_embeddings.py --manager_ckpts A.pt B.pt ... --output_path M.pt [-sd]`` as the original: files are
 read in order (any format :mod:`ldm.modules.embedding_formats` reads); a placeholder already taken asks for a
 replacement when a person is at the terminal. For scripts: ``--rename OLD=NEW`` (used for the next clash of OLD;
-repeat it for several) or ``--rename FILE:OLD=NEW`` (renames OLD of that file, clash or not), and ``--auto_rename``
-(the first free single-token string of ``* @ & # $ % ^ ~ א ב ...``). Without an answer and without a terminal the
-merge stops with one line saying which flag to add.
+repeat it for several) or ``--rename FILE:OLD=NEW`` (renames OLD of that file, clash or not; FILE as given or by its
+base name when only one file has it), and ``--auto_rename`` (the first free single-token string of
+``* @ & # $ % ^ ~ א ב ...``). Without an answer and without a terminal the merge stops with one line saying which flag
+to add.
 
 Differences from the original, all deliberate: replacements are checked against every placeholder already merged
 (by string and by token id), files of different widths (LDM 1280 vs SD 768) are refused naming both files, and no
 model is built: only the tokenizer (``-sd``: CLIP, else BERT, or ``--config``'s), loaded offline. The output is
-the original two-key format (plus a ``merged_from`` key recording each placeholder's source file and its sha256).
+the original two-key format (plus a ``merged_from`` key recording each placeholder's source file, by a path
+relative to where the merge ran or by its name, never an absolute one, and its sha256). Replacements must be one
+token the tokenizer knows (:mod:`ldm.modules.placeholders`).
 """
 from __future__ import annotations
 

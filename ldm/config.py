@@ -20,11 +20,10 @@ import difflib
 import inspect
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -175,8 +174,3 @@ def check_target_params(config: DictConfig, flag: str = "--base") -> None:
                 visit(value, path + (str(i),))
 
     visit(OmegaConf.to_container(config, resolve=False), ())
-
-
-def config_name(config: str | os.PathLike | DictConfig) -> str:
-    """How messages name a config: its path, or ``<config>`` for one built in memory."""
-    return str(Path(config)) if isinstance(config, (str, os.PathLike)) else "<config>"

@@ -2,7 +2,6 @@
 is built (a mistyped override, an unknown placeholder or init word, an embedding file given as the model)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -46,3 +45,21 @@ def test_bad_input_is_one_line_before_training(extra, needles, tmp_path, capsys,
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: ") and all(n in last for n in needles), err
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.pt"))
+
+
+def test_expected_lightning_messages_are_silenced_and_others_kept(caplog):
+    import logging
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main.silence_expected_warnings()
+        warnings.warn("Checkpoint directory /x/checkpoints exists and is not empty.")
+        warnings.warn("You defined a `validation_step` but have no `val_dataloader`. Skipping val loop.")
+        warnings.warn("something else went wrong")
+    assert [str(w.message) for w in caught] == ["something else went wrong"]
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger="pytorch_lightning.utilities.rank_zero"):
+        rank_zero.info("💡 Tip: For seamless cloud logging, try installing litlogger")
+        rank_zero.info("GPU available: False")
+    assert "Tip" not in caplog.text and "GPU available" in caplog.text
