@@ -41,6 +41,7 @@ def run_main(argv: list[str], tmp_path, capsys) -> tuple[int, str]:
 )
 def test_bad_input_is_one_line_before_training(extra, needles, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
+    monkeypatch.setenv("TI_RUN_DIR", str(tmp_path / "logs" / "run"))  # main sets it for DDP ranks; removed afterwards
     code, err = run_main([*SHAPES, *extra], tmp_path, capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: ") and all(n in last for n in needles), err
