@@ -177,7 +177,9 @@ class Merger:
         while True:
             answer = self.ask(question).strip()
             token_id = self.vocab.single_token(answer) if answer else None
-            if token_id is None:
+            if token_id is None and len(self.vocab.content_ids(answer)) == 1:
+                question = f"Placeholder string '{answer}' is not in the tokenizer's vocabulary. Please enter another string: "
+            elif token_id is None:
                 question = f"Placeholder string '{answer}' maps to more than a single token. Please enter another string: "
             elif self.taken_by(answer, token_id) is not None:
                 question = f"Placeholder string '{answer}' is already taken (by '{self.taken_by(answer, token_id)}'). Please enter another string: "

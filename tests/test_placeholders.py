@@ -89,3 +89,12 @@ def test_merge_refuses_an_unknown_replacement(tmp_path, capsys, vocab):
     assert not (tmp_path / "m.pt").exists()
     merge_embeddings.main([*args, "--rename", "star.pt:*=@"])  # by the file's base name
     assert read_embeddings(tmp_path / "m.pt").token_ids == {"@": vocab.single_token("@")}
+
+
+def test_merge_asks_again_for_an_unknown_answer(tmp_path, vocab):
+    answers, questions = iter(["zebra", "@"]), []
+    merger = merge_embeddings.Merger(vocab, ask=lambda q: questions.append(q) or next(answers))
+    for name in ("a.pt", "b.pt"):
+        merger.add_file(str(save_original(tmp_path / name, {"*": torch.randn(1, 64)}, {"*": 47})))
+    assert questions[1] == "Placeholder string 'zebra' is not in the tokenizer's vocabulary. Please enter another string: "
+    assert merger.token_ids == {"*": 47, "@": vocab.single_token("@")}
