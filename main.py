@@ -5,7 +5,8 @@
 
 This file only wires things together: command line -> merged config -> model, data, Trainer and callbacks. The
 pieces live under ``ldm/train/``; the config-facing names ``main.DataModuleFromConfig`` and ``main.ImageLogger``
-are re-exported here.
+are re-exported here (imported on first use). Lightning, torch and the models are imported only once the command
+line has been parsed, so ``--help`` and argument errors answer at once.
 """
 from __future__ import annotations
 
@@ -17,24 +18,57 @@ import pdb
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-import torch
-from omegaconf import OmegaConf
-from pytorch_lightning.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 
-from ldm.data.images import list_image_files, validate_image_folder
-from ldm.train.callbacks import AtomicCheckpointIO, EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
-from ldm.train.cli import RunPaths, count_devices, get_parser, load_configs, parse_devices, resolve_run, split_unknown
-from ldm.train.data import DataModuleFromConfig
+from ldm.config import check_target_params
 from ldm.errors import ConfigError, run_cli
-from ldm.util import instantiate_from_config
+from ldm.train.cli import count_devices, get_parser, load_configs, parse_devices, resolve_run, split_unknown
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from ldm.train.cli import RunPaths
 
 __all__ = ["DataModuleFromConfig", "ImageLogger", "main"]
 
 logger = logging.getLogger("main")
+
+# Lightning messages that every run would print, each answered by design (see silence_expected_warnings).
+EXPECTED_WARNINGS = (
+    r".*module\(s\) in eval mode.*",  # the frozen parts stay in eval mode on purpose
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*Checkpoint directory .* exists and is not empty.*",  # -r resumes into the run's own checkpoint folder
+    r".*`validation_step` but have no `val_dataloader`.*",  # inversion configs have no validation set
+    # -r from last.ckpt resumes mid-epoch; the batches are fresh random draws (crops, flips, captions) of a few images,
+    # so which draws come next does not matter
+    r".*resuming from a checkpoint that ended before the epoch ended.*",
+)
+
+
+class _DropLightningTips(logging.Filter):
+    """Lightning's "💡 Tip" advertisements (litlogger, litmodels) on every run: not about this run, so dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+_DROP_TIPS = _DropLightningTips()
+
+
+def __getattr__(name: str) -> Any:
+    """``main.DataModuleFromConfig`` and ``main.ImageLogger``, the names the original configs use as targets."""
+    if name == "DataModuleFromConfig":
+        from ldm.train.data import DataModuleFromConfig
+
+        return DataModuleFromConfig
+    if name == "ImageLogger":
+        from ldm.train.callbacks import ImageLogger
+
+        return ImageLogger
+    raise AttributeError(f"module 'main' has no attribute '{name}'")
 
 
 def trainer_settings(opt: Any, extra: dict[str, Any], lightning_config: Any) -> tuple[dict[str, Any], int]:
@@ -85,6 +119,11 @@ def personalize(config: Any, opt: Any) -> None:
 
 
 def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, resume: bool) -> list[pl.Callback]:
+    import pytorch_lightning as pl
+
+    from ldm.train.callbacks import EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
+    from ldm.util import instantiate_from_config
+
     callbacks: list[pl.Callback] = [
         SetupCallback(resume, run.now, str(run.logdir), str(run.ckptdir), str(run.cfgdir), config, lightning_config),
         pl.callbacks.LearningRateMonitor(logging_interval="step"),
@@ -93,7 +132,8 @@ def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, re
         EmbeddingRescue(str(run.ckptdir)),
         LossCurve(),
     ]
-    ckpt_params = {"dirpath": str(run.ckptdir), "filename": "{epoch:06}", "verbose": True, "save_last": True}
+    # one last.ckpt, replaced in place (EmbeddingRescue writes it too at the end; a counter would add last-v1.ckpt, ...)
+    ckpt_params = {"dirpath": str(run.ckptdir), "filename": "{epoch:06}", "verbose": True, "save_last": True, "enable_version_counter": False}
     ckpt_params.update(OmegaConf.to_container(lightning_config.get("modelcheckpoint", {}).get("params", {}), resolve=True))
     callbacks.append(pl.callbacks.ModelCheckpoint(**ckpt_params))
     configured = lightning_config.get("callbacks", {})
@@ -121,6 +161,9 @@ def check_actual_resume(opt: Any, config: Any) -> None:
 
 def build_model(config: Any, opt: Any) -> Any:
     """The model of ``config.model``; a textual-inversion model is also given what its embedding files record."""
+    from ldm.data.images import list_image_files
+    from ldm.util import instantiate_from_config
+
     if "personalization_config" not in config.model.params:
         return instantiate_from_config(config.model)
     provenance = {
@@ -143,6 +186,8 @@ def debugging(opt: Any, run: RunPaths) -> Iterator[None]:
         pdb.post_mortem()
         raise
     finally:
+        from pytorch_lightning.utilities import rank_zero_only
+
         if not opt.resume and rank_zero_only.rank == 0 and run.logdir.exists():
             target = run.logdir.parent / "debug_runs" / run.logdir.name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -150,15 +195,37 @@ def debugging(opt: Any, run: RunPaths) -> Iterator[None]:
             logger.info("debug run moved to %s", target)
 
 
-def main() -> None:
+def check_placeholder_words(config: Any) -> None:
+    """Refuse a placeholder or init word the config's tokenizer does not know before the model is built (minutes
+    for the real models); the EmbeddingManager checks the same again."""
+    from ldm.modules.placeholders import check_personalization
+
+    encoder = OmegaConf.select(config, "model.params.cond_stage_config")
+    pers = OmegaConf.select(config, "model.params.personalization_config.params")
+    if isinstance(encoder, DictConfig) and isinstance(pers, DictConfig):
+        check_personalization(encoder, pers)
+
+
+def silence_expected_warnings() -> None:
+    """Lightning's warnings that every run would show, though each is intended (see :data:`EXPECTED_WARNINGS`), and
+    its tips."""
+    for pattern in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DROP_TIPS)  # added once however often called
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line (``--help`` answers here, before any heavy import), then train or test."""
+    opt, unknown = get_parser().parse_known_args(argv)
+    run_cli(lambda: train_or_test(opt, unknown))
+
+
+def train_or_test(opt: Any, unknown: list[str]) -> None:
+    """Everything after parsing: config, checks, model, data, Trainer; fit (with -t) and test (when configured)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # the frozen parts stay in eval mode on purpose
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    torch.set_float32_matmul_precision("high")
-    # as the original: configs may name classes of modules in the folder main.py is run from (``target: mymod.X``)
+    silence_expected_warnings()
+    # configs may name classes of the folder the command runs in (as upstream LDM's main.py allowed)
     sys.path.insert(0, os.getcwd())
-    opt, unknown = get_parser().parse_known_args()
     dotlist, extra = split_unknown(unknown)
     if opt.resume_from_checkpoint:
         opt.resume = opt.resume_from_checkpoint
@@ -170,14 +237,25 @@ def main() -> None:
 def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> None:
     """Build the config, model, data and Trainer of ``run``, then train (``-t``) and test."""
     config = load_configs(run.resumed_configs + list(opt.base), dotlist)
+    check_target_params(config)
     lightning_config = config.pop("lightning", OmegaConf.create())
     personalize(config, opt)
     check_actual_resume(opt, config)
+    check_placeholder_words(config)
+    from ldm.data.images import validate_image_folder
+
     if opt.data_root:
         validate_image_folder(opt.data_root)
     elif "personalization_config" in config.model.params and opt.train:
         raise ConfigError("--data_root is required: the folder of the concept's images")
     os.environ.setdefault("TI_RUN_DIR", str(run.logdir))
+    import pytorch_lightning as pl
+    import torch
+
+    from ldm.train.callbacks import AtomicCheckpointIO
+    from ldm.util import instantiate_from_config
+
+    torch.set_float32_matmul_precision("high")
     pl.seed_everything(opt.seed, workers=True)
 
     settings, ngpu = trainer_settings(opt, extra, lightning_config)
@@ -217,4 +295,4 @@ def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> N
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

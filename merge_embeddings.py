@@ -3,14 +3,17 @@
 ``python merge_embeddings.py --manager_ckpts A.pt B.pt ... --output_path M.pt [-sd]`` as the original: files are
 read in order (any format :mod:`ldm.modules.embedding_formats` reads); a placeholder already taken asks for a
 replacement when a person is at the terminal. For scripts: ``--rename OLD=NEW`` (used for the next clash of OLD;
-repeat it for several) or ``--rename FILE:OLD=NEW`` (renames OLD of that file, clash or not), and ``--auto_rename``
-(the first free single-token string of ``* @ & # $ % ^ ~ א ב ...``). Without an answer and without a terminal the
-merge stops with one line saying which flag to add.
+repeat it for several) or ``--rename FILE:OLD=NEW`` (renames OLD of that file, clash or not; FILE as given or by its
+base name when only one file has it), and ``--auto_rename`` (the first free single-token string of
+``* @ & # $ % ^ ~ א ב ...``). Without an answer and without a terminal the merge stops with one line saying which flag
+to add.
 
 Differences from the original, all deliberate: replacements are checked against every placeholder already merged
 (by string and by token id), files of different widths (LDM 1280 vs SD 768) are refused naming both files, and no
 model is built: only the tokenizer (``-sd``: CLIP, else BERT, or ``--config``'s), loaded offline. The output is
-the original two-key format (plus a ``merged_from`` key recording each placeholder's source file and its sha256).
+the original two-key format (plus a ``merged_from`` key recording each placeholder's source file, by a path
+relative to where the merge ran or by its name, never an absolute one, and its sha256). Replacements must be one
+token the tokenizer knows (:mod:`ldm.modules.placeholders`).
 """
 from __future__ import annotations
 
@@ -23,11 +26,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ldm.data.personalized import per_img_token_list
-from ldm.modules.embedding_formats import Vocabulary, family_for_width, read_embeddings, resolve_token_id, save_original
-from ldm.modules.embedding_manager import SUGGESTED_PLACEHOLDERS, EmbeddingFileError, PlaceholderError
-from ldm.provenance import file_sha256
+from ldm.config import load_configs
 from ldm.errors import ConfigError, run_cli
+from ldm.modules.embedding_formats import EmbeddingFileError, family_for_width, read_embeddings, resolve_token_id, save_original
+from ldm.modules.placeholders import SUGGESTED_PLACEHOLDERS, PlaceholderError, Vocabulary, per_img_token_list, vocabulary_of_config
+from ldm.provenance import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +45,40 @@ class Rename:
     file: str | None = None
 
     def matches_file(self, path: str) -> bool:
-        return self.file is not None and (self.file == path or Path(self.file).resolve() == Path(path).resolve())
+        return self.file is not None and same_file(self.file, path)
+
+
+def same_file(given: str, path: str) -> bool:
+    """Whether ``given`` (from ``--rename FILE:...``) names ``path``: as typed, as the same file, or by base name."""
+    return given == path or Path(given).resolve() == Path(path).resolve() or (Path(given).name == given and Path(path).name == given)
 
 
 def parse_renames(values: Sequence[str], files: Sequence[str]) -> list[Rename]:
-    """``OLD=NEW`` or ``FILE:OLD=NEW`` (FILE one of ``files``, as given or by path)."""
+    """``OLD=NEW`` or ``FILE:OLD=NEW`` (FILE one of ``files``: as given, by path, or by base name when that is unique)."""
     renames = []
     for value in values:
         left, sep, new = value.rpartition("=")
         if not sep or not left or not new:
             raise ConfigError(f"--rename '{value}': write OLD=NEW or FILE:OLD=NEW")
         file, colon, old = left.rpartition(":")
-        if colon and file and any(file == f or Path(file).resolve() == Path(f).resolve() for f in files):
-            renames.append(Rename(old, new, file))
+        matching = [f for f in files if same_file(file, f)] if colon and file else []
+        if len(matching) > 1:
+            raise ConfigError(
+                f"--rename '{value}': '{file}' names {len(matching)} of the files ({', '.join(matching)}); write the path as "
+                "given to --manager_ckpts"
+            )
+        if matching:
+            renames.append(Rename(old, new, matching[0]))
         else:
             renames.append(Rename(left, new))
     return renames
+
+
+def recorded_path(path: str) -> str:
+    """How the merge record names a source file: as given when that is a path inside the folder the merge ran in,
+    else by its name; never a machine's absolute folders (the sha256 beside it identifies the file)."""
+    given = Path(path)
+    return given.as_posix() if not given.is_absolute() and ".." not in given.parts else given.name
 
 
 class Merger:
@@ -70,8 +91,10 @@ class Merger:
         auto_rename: bool = False,
         ask: Callable[[str], str] | None = None,
         sd: bool = False,
+        token_hint: str = "",
     ) -> None:
         self.vocab = vocab
+        self.token_hint = token_hint
         self.qualified = [r for r in renames if r.file is not None]
         self.pending = [r for r in renames if r.file is None]
         self.auto_rename = auto_rename
@@ -79,7 +102,8 @@ class Merger:
         self.sd = sd
         self.vectors: dict[str, torch.Tensor] = {}
         self.token_ids: dict[str, int] = {}
-        self.sources: dict[str, dict[str, str]] = {}
+        self.sources: dict[str, dict[str, str]] = {}  # the record written to the file: file names, not paths
+        self.given: dict[str, str] = {}  # each placeholder's file as given on the command line (for the screen)
         self.first: tuple[str, int] | None = None
 
     def check_width(self, path: str, width: int) -> None:
@@ -103,7 +127,8 @@ class Merger:
             name, token_id = self.place(path, placeholder, loaded.token_ids.get(placeholder))
             self.vectors[name] = vector
             self.token_ids[name] = token_id
-            self.sources[name] = {"file": str(path), "placeholder": placeholder, "sha256": digest}
+            self.sources[name] = {"file": recorded_path(path), "placeholder": placeholder, "sha256": digest}
+            self.given[name] = str(path)
 
     def taken_by(self, name: str, token_id: int | None) -> str | None:
         """The merged placeholder that ``name`` (or its token id) would collide with."""
@@ -117,9 +142,9 @@ class Merger:
         if rule is not None:
             return rule.new, self.check_replacement(rule.new, f"--rename {rule.file}:{rule.old}={rule.new}")
         try:
-            token_id: int | None = resolve_token_id(self.vocab, placeholder, file_id, path)
+            token_id: int | None = resolve_token_id(self.vocab, placeholder, file_id, path, self.token_hint)
         except PlaceholderError:
-            token_id, problem = None, f"is not one token of the {'CLIP' if self.sd else 'BERT'} tokenizer"
+            token_id, problem = None, f"is not one known token of the {self.tokenizer_name} tokenizer"
         else:
             other = self.taken_by(placeholder, token_id)
             if other is None:
@@ -152,18 +177,21 @@ class Merger:
         while True:
             answer = self.ask(question).strip()
             token_id = self.vocab.single_token(answer) if answer else None
-            if token_id is None:
+            if token_id is None and len(self.vocab.content_ids(answer)) == 1:
+                question = f"Placeholder string '{answer}' is not in the tokenizer's vocabulary. Please enter another string: "
+            elif token_id is None:
                 question = f"Placeholder string '{answer}' maps to more than a single token. Please enter another string: "
             elif self.taken_by(answer, token_id) is not None:
                 question = f"Placeholder string '{answer}' is already taken (by '{self.taken_by(answer, token_id)}'). Please enter another string: "
             else:
                 return answer, token_id
 
+    @property
+    def tokenizer_name(self) -> str:
+        return "CLIP" if self.sd else "BERT"
+
     def check_replacement(self, name: str, flag: str) -> int:
-        token_id = self.vocab.single_token(name)
-        if token_id is None:
-            hint = ", ".join(f"'{s}'" for s in self.vocab.alternatives(set(self.vectors))[:5])
-            raise PlaceholderError(f"{flag}: '{name}' is not one token of the {'CLIP' if self.sd else 'BERT'} tokenizer; try {hint}")
+        token_id = self.vocab.placeholder_token(name, set(self.vectors), flag, f"the {self.tokenizer_name}")
         other = self.taken_by(name, token_id)
         if other is not None:
             raise ConfigError(f"{flag}: '{name}' is already taken by merged placeholder '{other}'; choose another string")
@@ -176,28 +204,23 @@ def load_vocabulary(sd: bool, config: str | None = None) -> tuple[Vocabulary, bo
     Without ``config``, the model family's default tokenizer (``-sd``: CLIP, else BERT); with it, the tokenizer that
     config's text encoder uses (its ``tokenizer_path`` or CLIP ``version``), e.g. the shapes model's own vocabulary.
     """
-    from ldm.modules.encoders.tokenizers import CLIP_HUB_ID, load_bert_tokenizer, load_clip_tokenizer
+    from ldm.modules.encoders.tokenizers import load_bert_tokenizer, load_clip_tokenizer
 
     if config is None:
         return Vocabulary.of_tokenizer(load_clip_tokenizer() if sd else load_bert_tokenizer()), sd
     from omegaconf import DictConfig
 
-    from ldm.train.cli import load_configs  # one-line errors for a missing or unreadable file
-
     encoder = load_configs([config], [], flag="--config").get("model", {}).get("params", {}).get("cond_stage_config")
     if not isinstance(encoder, DictConfig):
         raise ConfigError(f"--config: '{config}' has no model.params.cond_stage_config (the text encoder) to take a tokenizer from")
-    params = encoder.get("params") or {}
-    if str(encoder.get("target", "")).endswith("FrozenCLIPEmbedder"):
-        loaded = load_clip_tokenizer(params.get("version") or CLIP_HUB_ID, params.get("tokenizer_path"))
-        return Vocabulary.of_tokenizer(loaded), True
-    return Vocabulary.of_tokenizer(load_bert_tokenizer(params.get("tokenizer_path"))), False
+    return vocabulary_of_config(encoder)
 
 
 def merge(opt: argparse.Namespace) -> dict[str, str]:
     ask = input if sys.stdin is not None and sys.stdin.isatty() else None
     vocab, sd = load_vocabulary(opt.stable_diffusion, opt.config)
-    merger = Merger(vocab, parse_renames(opt.rename, opt.manager_ckpts), opt.auto_rename, ask, sd)
+    hint = "" if opt.config else "; if the files were trained on a model with its own tokenizer (e.g. the shapes model), pass its config with --config"
+    merger = Merger(vocab, parse_renames(opt.rename, opt.manager_ckpts), opt.auto_rename, ask, sd, hint)
     for path in opt.manager_ckpts:
         merger.add_file(path)
     for rule in merger.pending:
@@ -206,7 +229,7 @@ def merge(opt: argparse.Namespace) -> dict[str, str]:
         save_original(opt.output_path, merger.vectors, merger.token_ids, {"merged_from": merger.sources})
     except OSError as err:
         raise ConfigError(f"--output_path: cannot write '{opt.output_path}' ({err.strerror or type(err).__name__})") from err
-    final = {name: source["file"] for name, source in merger.sources.items()}
+    final = dict(merger.given)
     print("Managers merged. Final list of placeholders: ")
     print(final)
     return final

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from ldm.data.shapes import BACKGROUNDS, COLOURS, SHAPES, UNNAMED_BACKGROUND, allowed, describe
+from ldm.data.images import save_image
 from ldm.data.shapes_judge import Judgement, judge_batch, to_uint8
 from ldm.inference import sample_images
+from ldm.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +165,7 @@ def save_grid(evaluator: ShapesJudgeEvaluator, prompts: Sequence[str], path: str
     samples = evaluator.images([p for p in prompts for _ in range(n)])
     rows.extend(np.concatenate(list(samples[k * n : (k + 1) * n]), axis=1) for k in range(len(prompts)))
     grid = Image.fromarray(np.concatenate(rows, axis=0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST).save(path)
-    return path
+    return save_image(grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST), path)
 
 
 def save_plot(points: dict[str, WordScores], path: str | Path) -> Path:
@@ -191,11 +190,9 @@ def save_plot(points: dict[str, WordScores], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.set_title("shapes world: learned word vs word baselines")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    written = atomic_write(path, lambda temp: fig.savefig(temp, dpi=120, format="png"))
     plt.close(fig)
-    return path
+    return written
 
 
 def as_dict(rows: Sequence[WordScores]) -> list[dict[str, Any]]:

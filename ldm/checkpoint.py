@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ldm.errors import UserError
+from ldm.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -100,22 +101,39 @@ def state_dict_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def load_state_dict(path: str | os.PathLike, *, what: str = "--actual_resume") -> dict[str, torch.Tensor]:
-    """Read only the tensors of a model checkpoint (see :func:`load_checkpoint`)."""
-    sd = state_dict_from_checkpoint(load_checkpoint(path, what=what))
+def looks_like_embedding(ckpt: dict[str, Any]) -> bool:
+    """Whether a loaded file is a textual-inversion embedding (any common layout) rather than model weights."""
+    entries = ckpt.get("state_dict", ckpt)  # a .safetensors file arrives as {"state_dict": its tensors}
+    if not isinstance(entries, dict):
+        return False
+    keys = [str(k) for k in entries]
+    if "string_to_param" in entries or "emb_params" in entries or any(k.startswith("string_to_param.") for k in keys):
+        return True
+    tensors = [v for v in entries.values() if isinstance(v, torch.Tensor)]
+    return 0 < len(tensors) == len(entries) <= 16 and all(v.dim() in (1, 2) and "." not in k for k, v in zip(keys, tensors))
+
+
+def require_weights(ckpt: dict[str, Any], path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """The weights of a loaded checkpoint; a one-line :class:`CheckpointError` when there are none (or it is an
+    embedding file, which then says which flag takes it)."""
+    model_flag = what.split(" /")[0]
+    if looks_like_embedding(ckpt):
+        embedding_flag = "--embedding_manager_ckpt" if model_flag == "--actual_resume" else "--embedding_path"
+        raise CheckpointError(
+            f"{model_flag}: '{path}' is an embedding file, not a model checkpoint; pass it as {embedding_flag}, "
+            f"and the model as {model_flag}"
+        )
+    sd = state_dict_from_checkpoint(ckpt)
     if not sd:
         raise CheckpointError(f"{what}: '{path}' holds no weights (an empty Lightning checkpoint?); pass the model checkpoint")
     return sd
 
 
+def load_state_dict(path: str | os.PathLike, *, what: str = "--actual_resume") -> dict[str, torch.Tensor]:
+    """Read only the tensors of a model checkpoint (see :func:`load_checkpoint` and :func:`require_weights`)."""
+    return require_weights(load_checkpoint(path, what=what), path, what)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: readers never see half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` through :func:`ldm.io.atomic_write`: readers never see half a file."""
+    atomic_write(path, lambda temp: torch.save(obj, temp))

@@ -18,8 +18,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import CheckpointError, load_checkpoint, state_dict_from_checkpoint
-from ldm.errors import ConfigError
+from ldm.checkpoint import CheckpointError, load_checkpoint, require_weights
+from ldm.config import ConfigError, load_model_config
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 LDM_CONFIG = "configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml"
+SHAPES_CONFIG = "configs/shapes/shapes-ldm-inference.yaml"
 # Strings that look like a placeholder: <token>, '*' and '@' (the README's), the Hebrew letters of per-image tokens.
 _PLACEHOLDER_LIKE = re.compile(r"<[^<>\s]+>|[*@]|[\u05d0-\u05ea]")
 
@@ -46,16 +47,10 @@ def resolve_config_path(config: str | os.PathLike) -> Path:
 
 
 def load_config(config: str | os.PathLike | DictConfig) -> DictConfig:
+    """A model config: ``config`` itself, or the file it names (see :func:`resolve_config_path`)."""
     if isinstance(config, DictConfig):
         return config
-    path = resolve_config_path(config)
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as err:  # any YAML/OmegaConf parse failure means the same thing to the user
-        raise ConfigError(f"--config: '{path}' is not a readable YAML config ({type(err).__name__})") from err
-    if not isinstance(loaded, DictConfig) or "model" not in loaded:
-        raise ConfigError(f"--config: '{path}' has no 'model' section; pass a model config such as {SD_CONFIG}")
-    return loaded
+    return load_model_config(resolve_config_path(config), "--config", SD_CONFIG)
 
 
 def load_model_from_config(
@@ -75,14 +70,18 @@ def load_model_from_config(
     checkpoint = load_checkpoint(ckpt, what=ckpt_flag)
     if "global_step" in checkpoint:
         logger.info("checkpoint %s: global step %s", ckpt, checkpoint["global_step"])
-    state_dict = state_dict_from_checkpoint(checkpoint)
-    if not state_dict:
-        raise CheckpointError(f"{ckpt_flag}: '{ckpt}' holds no model weights (an embedding file? pass that with --embedding_path)")
+    state_dict = require_weights(checkpoint, ckpt, ckpt_flag)
     has_personalization = OmegaConf.select(cfg, "model.params.personalization_config") is not None
     if embedding_path is not None and not has_personalization:
         raise ConfigError(f"config '{config_name}' has no personalization_config, so it cannot use --embedding_path; use {LDM_CONFIG} or {SD_CONFIG}")
     model = instantiate_from_config(cfg.model)
-    model.load_pretrained(state_dict, str(ckpt))
+    try:
+        model.load_pretrained(state_dict, str(ckpt))
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{err}; or, if the checkpoint is the one you want, pass its config with --config (in use: '{config_name}'; "
+            f"the shipped shapes model's is {SHAPES_CONFIG})"
+        ) from err
     if getattr(model, "embedding_manager", None) is not None:
         if embedding_path is None:
             model.embedding_manager = None

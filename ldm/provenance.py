@@ -14,13 +14,14 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from ldm.io import atomic_write
 
 SOFTWARE = "textual-inversion"
 SHORT_HASH = 10
@@ -99,18 +100,8 @@ class GenerationRecord:
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, record: GenerationRecord | None = None) -> Path:
-    """Write ``image`` as a PNG carrying ``record``'s text chunks; atomically (temporary file, then rename)."""
-    target = Path(path)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format="PNG", pnginfo=record.pnginfo() if record else None)
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return target
+    """Write ``image`` as a PNG carrying ``record``'s text chunks, through :func:`ldm.io.atomic_write`."""
+    return atomic_write(path, lambda temp: image.save(temp, format="PNG", pnginfo=record.pnginfo() if record else None))
 
 
 def read_png_text(path: str | os.PathLike) -> dict[str, str]:

@@ -24,12 +24,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ldm.config import load_model_config  # noqa: E402
 from ldm.data.personalized import imagenet_templates_small  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -53,7 +53,7 @@ class Result:
 
 def build_model(config_path: str, device: torch.device, cache: bool, checkpointing: bool) -> Any:
     """The config's model with random weights, its placeholder initialised from the config's init word."""
-    config = OmegaConf.load(config_path)
+    config = load_model_config(config_path, "--config")
     params = config.model.params
     params.cache_latents = cache
     params.gradient_checkpointing = checkpointing
@@ -158,7 +158,7 @@ def measure(name: str, args: argparse.Namespace, batch: int, precision: str, cac
 
 def measure_peer(args: argparse.Namespace, batch: int, precision: str, peak_rate: float | None) -> Result | None:
     """The diffusers textual-inversion step at the same architecture (CLIP configs, diffusers installed)."""
-    config = OmegaConf.load(args.config)
+    config = load_model_config(args.config, "--config")
     if "CLIP" not in config.model.params.cond_stage_config.target:
         return None
     try:

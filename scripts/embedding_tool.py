@@ -5,10 +5,11 @@ token ids, vectors per placeholder, width and model family, per-vector norms, th
 model's config and checkpoint, the nearest vocabulary words of each vector (cosine against the token-embedding table).
 
 ``python scripts/embedding_tool.py convert SRC DST [--to original|a1111|diffusers] [--placeholder P] [--name N]
-[--rename OLD=NEW] [--tokenizer clip|bert]``: the format defaults to DST's suffix (``.safetensors``/``.bin``:
+[--rename OLD=NEW] [--tokenizer clip|bert|shapes]``: the format defaults to DST's suffix (``.safetensors``/``.bin``:
 diffusers, else original). A1111 and diffusers files hold one placeholder (``--placeholder`` picks it); ``--name`` is
-the A1111 name or the diffusers token. A placeholder without a token id (diffusers/kohya input, or renamed) gets one
-from the tokenizer (``--tokenizer``, default by width: 768/1024 CLIP, 1280 BERT).
+the A1111 name or the diffusers token (``--token``; default: the placeholder, what its users type). A placeholder
+without a token id (diffusers/kohya input, or renamed) gets one from the tokenizer (``--tokenizer``, default by width:
+64 the shipped shapes model's, 768/1024 CLIP, 1280 BERT); a renamed placeholder must be one known token of it.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from ldm.modules.embedding_formats import (  # noqa: E402
     ORIGINAL,
     WRITABLE_FORMATS,
     LoadedEmbeddings,
-    Vocabulary,
     check_width,
     format_for_path,
     read_embeddings,
@@ -38,21 +38,26 @@ from ldm.modules.embedding_formats import (  # noqa: E402
     write_embeddings,
 )
 from ldm.errors import ConfigError, run_cli  # noqa: E402
+from ldm.modules.placeholders import Vocabulary  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_BY_WIDTH = {768: "clip", 1024: "clip", 1280: "bert"}
+REPO = Path(__file__).resolve().parents[1]
+SHAPES_TOKENIZER = REPO / "models" / "shapes" / "tokenizer"
+TOKENIZER_BY_WIDTH = {64: "shapes", 768: "clip", 1024: "clip", 1280: "bert"}
 
 
 def vocabulary(kind: str | None, width: int) -> Vocabulary | None:
-    """The tokenizer named by ``kind``, else the one the width suggests, else None."""
+    """The tokenizer named by ``kind``, else the one the width suggests (64: the shipped shapes model's), else None."""
     from ldm.modules.encoders.tokenizers import load_bert_tokenizer, load_clip_tokenizer
 
     kind = kind or TOKENIZER_BY_WIDTH.get(width)
     if kind is None:
         return None
-    return Vocabulary.of_tokenizer(load_clip_tokenizer() if kind == "clip" else load_bert_tokenizer())
+    if kind == "clip":
+        return Vocabulary.of_tokenizer(load_clip_tokenizer())
+    return Vocabulary.of_tokenizer(load_bert_tokenizer(str(SHAPES_TOKENIZER) if kind == "shapes" else None))
 
 
 def load_text_encoder(config_path: str, ckpt: str) -> Any:
@@ -124,6 +129,18 @@ def renamed(loaded: LoadedEmbeddings, renames: Sequence[str]) -> LoadedEmbedding
     return LoadedEmbeddings(loaded.path, loaded.format, vectors, ids, dict(loaded.metadata))
 
 
+def warn_if_diffusers_refuses(loaded: LoadedEmbeddings, placeholder: str | None, vocab: Vocabulary | None) -> None:
+    """diffusers' ``load_textual_inversion`` refuses a token its tokenizer already has (such as ``*``): say how to
+    name it instead."""
+    chosen = loaded.only(placeholder)[0]
+    token = str(loaded.metadata.get("name") or chosen)
+    if vocab is not None and vocab.single_token(token) is not None:
+        logger.warning(
+            "the diffusers token is '%s', which the tokenizer already has; diffusers' load_textual_inversion refuses "
+            "such a token unless given token='<new-word>': convert with --token '<new-word>' to store one", token,
+        )
+
+
 def convert(opt: argparse.Namespace) -> None:
     loaded = renamed(read_embeddings(opt.src), opt.rename)
     fmt = opt.to or format_for_path(opt.dst)
@@ -131,11 +148,15 @@ def convert(opt: argparse.Namespace) -> None:
         raise ConfigError("--to a1111 writes a .pt file; name the output .pt (A1111 reads diffusers .safetensors too)")
     chosen = list(loaded.vectors) if fmt == ORIGINAL else [loaded.only(opt.placeholder)[0]]
     wanted = [p for p in chosen if p not in loaded.token_ids] if fmt != DIFFUSERS else []
+    vocab = vocabulary(opt.tokenizer, loaded.width) if wanted or opt.rename else None
+    for value in opt.rename if vocab is not None else ():  # a new placeholder must be one known token
+        vocab.placeholder_token(value.rpartition("=")[2], set(loaded.vectors), f"--rename {value}")
     if wanted:
-        vocab = vocabulary(opt.tokenizer, loaded.width)
         if vocab is None:
             raise ConfigError(f"placeholder(s) {', '.join(wanted)} need a token id and width {loaded.width} names no tokenizer; pass --tokenizer clip|bert")
         loaded.token_ids.update({p: resolve_token_id(vocab, p, None, opt.src) for p in wanted})
+    if fmt == DIFFUSERS and opt.name is None:
+        warn_if_diffusers_refuses(loaded, opt.placeholder, vocab or vocabulary(opt.tokenizer, loaded.width))
     try:
         out = write_embeddings(loaded, opt.dst, fmt, placeholder=opt.placeholder, name=opt.name)
     except OSError as err:
@@ -151,15 +172,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     i.add_argument("--config", help="model config, for nearest vocabulary words")
     i.add_argument("--ckpt", "--ckpt_path", dest="ckpt", help="model checkpoint, for nearest vocabulary words")
     i.add_argument("--top", type=int, default=5, help="nearest words per vector")
-    i.add_argument("--tokenizer", choices=["clip", "bert"], help="tokenizer for showing token ids (default: by width)")
+    i.add_argument("--tokenizer", choices=["clip", "bert", "shapes"], help="tokenizer for showing token ids (default: by width)")
     c = sub.add_parser("convert", help="write an embedding file in another format")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--to", choices=WRITABLE_FORMATS, help="output format (default: from DST's suffix)")
     c.add_argument("--placeholder", help="the placeholder to write (A1111/diffusers hold one)")
-    c.add_argument("--name", help="A1111 name / diffusers token (default: from the file, else DST's stem)")
+    c.add_argument("--name", "--token", dest="name",
+                   help="A1111 name (default: the file's, else DST's stem) / diffusers token (default: the placeholder)")
     c.add_argument("--rename", action="append", default=[], metavar="OLD=NEW", help="rename a placeholder")
-    c.add_argument("--tokenizer", choices=["clip", "bert"], help="tokenizer for token ids (default: by width)")
+    c.add_argument("--tokenizer", choices=["clip", "bert", "shapes"], help="tokenizer for token ids (default: by width)")
     return p.parse_args(argv)
 
 

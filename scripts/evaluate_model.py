@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from ldm.io import atomic_write_text  # noqa: E402
+
 logger = logging.getLogger("evaluate_model")
 
 SHAPES_CONFIG = "configs/shapes/shapes-ldm-inference.yaml"
@@ -105,7 +107,7 @@ def run_judge(opt: argparse.Namespace) -> dict:
             points.update({row.text: row for row in rows})
     if points:
         results["plot"] = str(save_plot(points, outdir / "reconstruction_vs_editability.png"))
-    (outdir / "judge_results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(outdir / "judge_results.json", json.dumps(results, indent=2))
     print_table(results)
     print(f"results: {outdir / 'judge_results.json'}" + (f"  plot: {results['plot']}" if "plot" in results else ""))
     return results
@@ -167,7 +169,7 @@ def run_clip(opt: argparse.Namespace) -> dict:
     results = {"image_similarity": float(image_sim), "text_similarity": float(text_sim), "prompt": opt.prompt, "embedding": path}
     outdir = Path(opt.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "clip_results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(outdir / "clip_results.json", json.dumps(results, indent=2))
     print(f"image similarity {image_sim:.4f}  text similarity {text_sim:.4f}  ({outdir / 'clip_results.json'})")
     return results
 

@@ -17,9 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
 from ldm.checkpoint import atomic_torch_save, load_checkpoint  # noqa: E402
+from ldm.config import load_model_config  # noqa: E402
 from ldm.errors import run_cli  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -29,7 +28,7 @@ logger = logging.getLogger("export_ema_weights")
 def ema_state_dict(config_path: str, ckpt_path: str, half: bool = True) -> tuple[dict[str, torch.Tensor], int]:
     """The model's state dict with the EMA weights in place (no ``model_ema.*``), and the checkpoint's global step."""
     checkpoint = load_checkpoint(ckpt_path, what="--ckpt")  # first: a bad file is reported before the model is built
-    config = OmegaConf.load(config_path)
+    config = load_model_config(config_path, "--config")
     model = instantiate_from_config(config.model)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     if model.use_ema:

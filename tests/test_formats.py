@@ -147,6 +147,43 @@ def test_round_trip_original_a1111_diffusers_original_is_bit_identical(tmp_path,
         assert last["string_to_param"][p].dtype == v.dtype and torch.equal(last["string_to_param"][p], v)
 
 
+def test_convert_to_diffusers_names_the_token_after_the_placeholder(tmp_path, vectors, caplog):
+    tool = load_script("embedding_tool")
+    src = save_original(tmp_path / "embeddings.pt", {"<cat-toy>": vectors}, {"<cat-toy>": STAR_CLIP})
+    old_umask = os.umask(0o022)
+    try:
+        tool.main(["convert", str(src), str(tmp_path / "learned_embeds.safetensors")])
+        tool.main(["convert", str(src), str(tmp_path / "named.safetensors"), "--token", "<my-cat>"])
+        tool.main(["convert", str(src), str(tmp_path / "a.pt"), "--to", "a1111"])
+    finally:
+        os.umask(old_umask)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "learned_embeds.safetensors"), "pt") as handle:
+        assert list(handle.keys()) == ["<cat-toy>"]  # what its users typed, not "<learned_embeds>"
+    with safe_open(str(tmp_path / "named.safetensors"), "pt") as handle:
+        assert list(handle.keys()) == ["<my-cat>"]
+    modes = {p.name: os.stat(p).st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"embeddings.pt": 0o644, "learned_embeds.safetensors": 0o644, "named.safetensors": 0o644, "a.pt": 0o644}
+    star = save_original(tmp_path / "star.pt", {"*": torch.randn(1, 768)}, {"*": STAR_CLIP})
+    with caplog.at_level(logging.WARNING):
+        tool.main(["convert", str(star), str(tmp_path / "star.safetensors")])
+    assert "--token" in caplog.text  # diffusers refuses '*', already a CLIP token: say how to name it
+
+
+def test_convert_refuses_an_unknown_new_placeholder(tmp_path, capsys):
+    tool = load_script("embedding_tool")
+    src = save_original(tmp_path / "e.pt", {"*": torch.randn(2, 64)}, {"*": 47})  # width 64: the shapes model's
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["convert", str(src), str(tmp_path / "out.pt"), "--rename", "*=zebra"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "'zebra' is not in the vocabulary" in err and "--rename *=zebra" in err
+    assert not (tmp_path / "out.pt").exists()
+    tool.main(["convert", str(src), str(tmp_path / "out.pt"), "--rename", "*=@"])
+    assert set(read_embeddings(tmp_path / "out.pt").token_ids) == {"@"}
+    assert "shapes model" in family_for_width(64)
+
+
 def test_diffusers_client_loads_our_exports(tmp_path, vectors):
     """diffusers' own load_textual_inversion puts exactly our vectors into a transformers CLIP text encoder."""
     pytest.importorskip("diffusers")

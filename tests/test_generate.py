@@ -179,3 +179,14 @@ def test_wrong_family_message_names_both(ckpts, caplog):
     with caplog.at_level(logging.WARNING):
         model = load_model_from_config(TINY_CONFIGS["ldm"], ckpts["ldm"], "cpu")
     assert model.embedding_manager is None and not caplog.records  # no embedding: '*' is an ordinary word
+
+
+def test_a_checkpoint_of_another_architecture_names_the_config_and_suggests_config():
+    from ldm.checkpoint import CheckpointError
+
+    shapes = Path(__file__).resolve().parents[1] / "models" / "shapes" / "model.ckpt"
+    with pytest.raises(CheckpointError) as err:
+        load_model_from_config(TINY_CONFIGS["ldm"], shapes, "cpu")
+    message = str(err.value)
+    assert "have the wrong shape" in message and f"'{TINY_CONFIGS['ldm']}'" in message and "--config" in message
+    assert "configs/shapes/shapes-ldm-inference.yaml" in message and "\n" not in message

@@ -13,28 +13,19 @@ from paths import REPO
 
 # rank of each room, from the bottom of the house up (the first matching prefix counts)
 ROOMS: list[tuple[str, int]] = [
-    ("ldm.errors", 0),
+    ("ldm.errors", 0), ("ldm.io", 0),
     ("ldm.util", 1), ("ldm.checkpoint", 1), ("ldm.provenance", 1), ("ldm.lr_scheduler", 1),
-    ("ldm.modules", 2),
-    ("ldm.models", 3), ("ldm.data", 3),
-    ("ldm.inference", 4),
+    ("ldm.config", 2),
+    ("ldm.modules", 3),
+    ("ldm.models", 4), ("ldm.data", 4),
+    ("ldm.inference", 5),
     # generation, evaluation and the embedding tools: never training
-    ("ldm.generate", 5), ("evaluation", 5), ("merge_embeddings", 5), ("scripts.txt2img", 5), ("scripts.stable_txt2img", 5),
-    ("scripts.embedding_tool", 5), ("scripts.evaluate_model", 5), ("scripts.export_ema_weights", 5), ("scripts.peer_step", 5),
-    ("ldm.train", 6),
-    ("main", 7), ("scripts.benchmark", 7),
+    ("ldm.generate", 6), ("evaluation", 6), ("merge_embeddings", 6), ("scripts.txt2img", 6), ("scripts.stable_txt2img", 6),
+    ("scripts.embedding_tool", 6), ("scripts.evaluate_model", 6), ("scripts.export_ema_weights", 6), ("scripts.peer_step", 6),
+    ("ldm.train", 7),
+    ("main", 8), ("scripts.benchmark", 8),
     ("ldm", 0),  # the package's own __init__ (empty)
 ]
-
-# Known breaches, each being removed by the placeholder / YAML-loader work of issue 13 (done in parallel). Once that
-# work is merged, test_known_breaches_are_still_needed fails for each entry that is gone: delete the entry then.
-KNOWN_EDGES = {
-    ("ldm.modules.embedding_manager", "ldm.data.personalized"),  # the per-image token list; moves to a placeholders leaf
-    ("merge_embeddings", "ldm.train.cli"),  # load_configs; one YAML loader for every command replaces it
-}
-KNOWN_CYCLES = {
-    frozenset({"ldm.modules.embedding_formats", "ldm.modules.embedding_manager"}),  # placeholder errors and helpers
-}
 
 
 def module_name(path: Path) -> str:
@@ -121,20 +112,13 @@ def test_every_module_has_a_room(graph):
 
 
 def test_no_import_from_a_lower_room_to_a_higher_one(graph):
-    upward = sorted((a, b) for a, deps in graph.items() for b in deps if rank(b) > rank(a) and (a, b) not in KNOWN_EDGES)
+    upward = sorted((a, b) for a, deps in graph.items() for b in deps if rank(b) > rank(a))
     assert not upward, "imports up the house (importer -> imported): " + ", ".join(f"{a} -> {b}" for a, b in upward)
 
 
 def test_no_import_cycle(graph):
-    found = [sorted(c) for c in cycles(graph) if c not in KNOWN_CYCLES]
+    found = [sorted(c) for c in cycles(graph)]
     assert not found, f"import cycles: {found}"
-
-
-def test_known_breaches_are_still_needed(graph):
-    """Fails once a known breach is fixed, so that its allowance above is deleted too."""
-    gone = [edge for edge in KNOWN_EDGES if edge[1] not in graph.get(edge[0], set())]
-    gone += [sorted(c) for c in KNOWN_CYCLES if c not in cycles(graph)]
-    assert not gone, f"fixed, now delete from KNOWN_EDGES / KNOWN_CYCLES: {gone}"
 
 
 def test_the_walk_sees_cycles_and_upward_imports():

@@ -59,6 +59,7 @@ def test_inversion_writes_the_original_files(workspace, family, width):
     names = {p.name for p in ckpt.iterdir()}
     # every 4 steps and at the end of 6 steps, numbered as the original (step index of the last batch)
     assert {"embeddings.pt", "embeddings_gs-3.pt", "embeddings_gs-5.pt", "last.ckpt"} <= names
+    assert not any(name.startswith("last-v") for name in names)  # one last.ckpt, replaced in place
     assert not [n for n in names if n.startswith(".")], "a temporary file was left behind"
     emb = read_embedding(ckpt / "embeddings.pt")
     assert list(emb["string_to_param"]) == ["*"] and emb["string_to_param"]["*"].shape == (1, width)

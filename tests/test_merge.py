@@ -54,7 +54,8 @@ def test_merged_placeholders_both_work_in_one_prompt(tmp_path):
     assert "Managers merged. Final list of placeholders:" in result.stdout and f"'@': '{cat}'" in result.stdout
     raw = torch.load(merged, weights_only=True)
     assert {k: int(v) for k, v in raw["string_to_token"].items()} == {"*": 265, "@": 287}
-    assert raw["merged_from"]["@"]["file"] == str(cat) and raw["merged_from"]["@"]["placeholder"] == "*"
+    # the record holds the file's name, never the machine's folders (issue 12, defect 5)
+    assert raw["merged_from"]["@"]["file"] == "cat.pt" and raw["merged_from"]["@"]["placeholder"] == "*"
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of * and @\na photo of dog and cat\n", encoding="utf-8")
@@ -151,3 +152,28 @@ def test_config_gives_the_models_own_tokenizer(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     code, _, err = run_main(["--config", str(tmp_path / "bad.yaml"), "--manager_ckpts", str(star), "--output_path", str(out)], capsys)
     assert code == 2 and "--config: " in err and "bad.yaml" in err and "Traceback" not in err
+
+
+def test_records_hold_no_absolute_paths(tmp_path):
+    """Shipped and merged files name their sources by file name or a path relative to the run, never a machine's
+    folders (the shipped two-concept file once recorded /tmp/final/...)."""
+    for shipped in sorted((REPO / "models" / "shapes" / "embeddings").glob("*.pt")):
+        raw = torch.load(shipped, weights_only=True)
+        strings = repr({k: v for k, v in raw.items() if k != "string_to_param"})
+        assert "/tmp/" not in strings and "/work/" not in strings and "/home/" not in strings, shipped
+    merged = torch.load(REPO / "models" / "shapes" / "embeddings" / "orange_cross_and_pink.pt", weights_only=True)["merged_from"]
+    assert all(not Path(source["file"]).is_absolute() for source in merged.values())
+    assert merge_embeddings.recorded_path("logs/run/checkpoints/embeddings.pt") == "logs/run/checkpoints/embeddings.pt"
+    assert merge_embeddings.recorded_path(str(tmp_path / "a.pt")) == merge_embeddings.recorded_path("../x/a.pt") == "a.pt"
+
+
+def test_rename_by_base_name_when_unambiguous(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    a = star_file(tmp_path / "a.pt", torch.randn(1, 768))
+    b = star_file(tmp_path / "b.pt", torch.randn(1, 768))
+    b2 = star_file(tmp_path / "x" / "b.pt", torch.randn(1, 768), "&")
+    code, out, err = run_main(["--manager_ckpts", str(a), str(b), "--output_path", str(tmp_path / "m.pt"), "-sd", "--rename", "b.pt:*=@"], capsys)
+    assert code == 0, err
+    assert {k: int(v) for k, v in torch.load(tmp_path / "m.pt", weights_only=True)["string_to_token"].items()} == {"*": 265, "@": 287}
+    code, _, err = run_main(["--manager_ckpts", str(b), str(b2), "--output_path", str(tmp_path / "n.pt"), "-sd", "--rename", "b.pt:*=@"], capsys)
+    assert code == 2 and "names 2 of the files" in err and len(err.strip().splitlines()) == 1

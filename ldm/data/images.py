@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ldm.errors import UserError
+from ldm.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -204,24 +204,14 @@ def save_image_grid(
         pixels = (pixels + 1.0) / 2.0
     grid = make_grid(pixels.clamp(0.0, 1.0), nrow=nrow, padding=padding)
     array = grid.mul(255.0).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(Image.fromarray(array), target)
-    return target
+    return save_image(Image.fromarray(array), path)
 
 
-def _atomic_save(image: Image.Image, target: Path) -> None:
-    """Save through a temporary file next to ``target`` and ``os.replace`` it into place."""
+def save_image(image: Image.Image, target: str | os.PathLike) -> Path:
+    """Save ``image`` through :func:`ldm.io.atomic_write` in the format its suffix names (``.png``, ``.jpg``, ...)."""
+    target = Path(target)
     image_format = Image.registered_extensions().get(target.suffix.lower())
     if image_format is None:
         raise ValueError(f"cannot tell the image format of '{target}'; use a .png or .jpg file name")
     options = {"quality": 95} if image_format == "JPEG" else {}
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format=image_format, **options)
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    return atomic_write(target, lambda temp: image.save(temp, format=image_format, **options))

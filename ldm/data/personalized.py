@@ -46,6 +46,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.images import iter_readable_images
 from ldm.errors import UserError
+from ldm.modules.placeholders import per_img_token_list
 
 imagenet_templates_smallest = [
     "a photo of a {}",
@@ -163,12 +164,6 @@ imagenet_dual_templates_small = [
     "a photo of the large {} with {}",
     "a photo of a cool {} with {}",
     "a photo of a small {} with {}",
-]
-
-# The 22 Hebrew letters (no final forms), U+05D0 ... U+05EA: image i is tagged with letter i.
-per_img_token_list = [
-    "\u05d0", "\u05d1", "\u05d2", "\u05d3", "\u05d4", "\u05d5", "\u05d6", "\u05d7", "\u05d8", "\u05d9", "\u05db",
-    "\u05dc", "\u05de", "\u05e0", "\u05e1", "\u05e2", "\u05e4", "\u05e6", "\u05e7", "\u05e8", "\u05e9", "\u05ea",
 ]
 
 INTERPOLATIONS = {

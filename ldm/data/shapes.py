@@ -35,6 +35,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from ldm.data.personalized import imagenet_templates_small
+from ldm.data.images import save_image
+from ldm.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -203,9 +205,9 @@ def write_concept(folder: str | os.PathLike, scenes: list[Scene], size: int = 32
     paths = []
     for k, scene in enumerate(scenes):
         path = out / f"{k:02d}.png"
-        Image.fromarray(render(scene, size)).save(path)
+        save_image(Image.fromarray(render(scene, size)), path)
         if filewords is not None:
-            path.with_suffix(".txt").write_text(filewords[k] + "\n", encoding="utf-8")
+            atomic_write_text(path.with_suffix(".txt"), filewords[k] + "\n")
         paths.append(path)
     logger.info("wrote %d images to %s", len(paths), out)
     return paths

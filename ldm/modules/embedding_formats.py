@@ -26,13 +26,15 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ldm.checkpoint import atomic_torch_save
-from ldm.modules.embedding_manager import SUGGESTED_PLACEHOLDERS, EmbeddingFileError, PlaceholderError
+from ldm.errors import UserError
+from ldm.io import atomic_write
+from ldm.modules.placeholders import PlaceholderError, Vocabulary
 from ldm.provenance import metadata_to_record, record_to_metadata
 
 logger = logging.getLogger(__name__)
@@ -42,12 +44,17 @@ WRITABLE_FORMATS = (ORIGINAL, A1111, DIFFUSERS)
 KOHYA_PLACEHOLDER = "*"
 
 FAMILIES = {
+    64: "the shipped shapes model (models/shapes: BERT-style encoder, width 64)",
     768: "SD v1 (CLIP ViT-L/14, width 768)",
     1024: "SD v2 (OpenCLIP ViT-H/14, width 1024)",
     1280: "LDM-1.4B (BERT-style encoder, width 1280)",
 }
 _SAFE_GLOBALS = [nn.ParameterDict, nn.Parameter, OrderedDict, set]
 _XTI_KEYS = {"IN01", "MID", "OUT11"}
+
+
+class EmbeddingFileError(UserError, ValueError):
+    """An embedding file that cannot be used with this model; ``str()`` is a one-line message."""
 
 
 def family_for_width(width: int) -> str:
@@ -241,13 +248,10 @@ def _pt_extras(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metadata.items() if isinstance(v, keep) and not k.startswith("ti.") and k != "layout"}
 
 
-def save_original(
-    path: str | os.PathLike,
-    vectors: Mapping[str, torch.Tensor],
-    token_ids: Mapping[str, int],
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """The original two-key ``.pt`` (plain tensors, so safe loaders read it) plus ``extra`` keys."""
+def original_payload(
+    vectors: Mapping[str, torch.Tensor], token_ids: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The original two-key dict (plain CPU tensors, so safe loaders read it) plus the plain-valued ``extra`` keys."""
     missing = [p for p in vectors if p not in token_ids]
     if missing:
         raise PlaceholderError(f"no token id for placeholder(s) {', '.join(missing)}; the original format needs one")
@@ -256,7 +260,17 @@ def save_original(
         "string_to_param": {p: _vector(v) for p, v in vectors.items()},
     }
     payload.update({k: v for k, v in _pt_extras(extra or {}).items() if k != "name"})  # "name" marks A1111 files
-    atomic_torch_save(payload, path)
+    return payload
+
+
+def save_original(
+    path: str | os.PathLike,
+    vectors: Mapping[str, torch.Tensor],
+    token_ids: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """The original two-key ``.pt`` (see :func:`original_payload`), written atomically."""
+    atomic_torch_save(original_payload(vectors, token_ids, extra), path)
     return Path(path)
 
 
@@ -308,19 +322,7 @@ def save_diffusers(
         meta["ti.token_id"] = str(int(token_id))
     extra = {k: v for k, v in (metadata or {}).items() if k not in meta and k != "layout" and not k.startswith("ti.")}
     meta.update(record_to_metadata(_pt_extras(extra)))
-    _atomic(p, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return p
-
-
-def _atomic(target: Path, write: Callable[[Path], None]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return atomic_write(p, lambda temp: save_file(tensors, str(temp), metadata=meta))
 
 
 def format_for_path(path: str | os.PathLike) -> str:
@@ -338,79 +340,54 @@ def write_embeddings(
 ) -> Path:
     """Write ``loaded`` in ``fmt`` (default: from the suffix). A1111/diffusers hold one placeholder (``placeholder``).
 
-    ``name`` is the A1111 name (default: the file's name, else the output stem) or the diffusers token (default:
-    ``<name>`` built the same way). Token ids must be known for the two-key formats (see :func:`fill_token_ids`).
+    ``name`` is the A1111 name (default: the file's name, else the output stem) or the diffusers token, the word its
+    users type in prompts (default: the file's A1111 name if it has one, else the placeholder itself, never the
+    output file's name). Token ids must be known for the two-key formats (see :func:`fill_token_ids`).
     """
     fmt = fmt or format_for_path(path)
     if fmt == ORIGINAL:
         return save_original(path, loaded.vectors, loaded.token_ids, loaded.metadata)
     chosen, vector = loaded.only(placeholder)
-    label = name or str(loaded.metadata.get("name") or Path(path).stem)
     if fmt == A1111:
+        label = name or str(loaded.metadata.get("name") or Path(path).stem)
         if chosen not in loaded.token_ids:
             raise PlaceholderError(f"no token id for placeholder '{chosen}'; the A1111 format needs one")
         return save_a1111(path, chosen, vector, loaded.token_ids[chosen], name=label, metadata=loaded.metadata)
     if fmt == DIFFUSERS:
-        token = name or (label if label.startswith("<") else f"<{label}>")
+        token = name or str(loaded.metadata.get("name") or chosen)
         meta = {k: v for k, v in loaded.metadata.items() if k != "name"}
         return save_diffusers(path, token, vector, placeholder=chosen, token_id=loaded.token_ids.get(chosen), metadata=meta)
     raise ValueError(f"cannot write format '{fmt}'; choose one of {', '.join(WRITABLE_FORMATS)}")
 
 
 # ------------------------------------------------------------------------------------------------ token resolution
-@dataclass(frozen=True)
-class Vocabulary:
-    """What placeholder handling needs of a tokenizer: content ids of a string, id -> token, vocabulary size."""
-
-    content_ids: Callable[[str], list[int]]
-    raw_token: Callable[[int], str]
-    size: int
-
-    def token(self, token_id: int) -> str:
-        """The vocabulary string of ``token_id`` as a prompt writes it (CLIP's end-of-word mark removed)."""
-        return self.raw_token(token_id).removesuffix("</w>")
-
-    @classmethod
-    def of_embedder(cls, embedder: Any) -> Vocabulary:
-        return cls(embedder.content_token_ids, lambda i: embedder.decode_ids([i])[0], int(embedder.token_embedding.num_embeddings))
-
-    @classmethod
-    def of_tokenizer(cls, loaded: Any) -> Vocabulary:
-        """From a :class:`ldm.modules.encoders.tokenizers.LoadedTokenizer`."""
-        return cls(loaded.content_ids, lambda i: loaded.tokens([i])[0], len(loaded.tokenizer))
-
-    def single_token(self, string: str) -> int | None:
-        ids = self.content_ids(string)
-        return ids[0] if len(ids) == 1 else None
-
-    def alternatives(self, taken: set[str] = frozenset()) -> list[str]:
-        return [s for s in SUGGESTED_PLACEHOLDERS if s not in taken and self.single_token(s) is not None]
-
-
-def resolve_token_id(vocab: Vocabulary, placeholder: str, file_id: int | None, source: str | os.PathLike) -> int:
+def resolve_token_id(
+    vocab: Vocabulary, placeholder: str, file_id: int | None, source: str | os.PathLike, hint: str = ""
+) -> int:
     """The token id a placeholder from ``source`` gets under ``vocab``.
 
     A single-token placeholder gets the tokenizer's id (a warning if the file said otherwise). Otherwise the file's id
-    is kept when it lies in the vocabulary (a warning names the token that triggers it); else :class:`PlaceholderError`.
+    is kept when it lies in the vocabulary and is not the unknown token (a warning names the token that triggers it);
+    else :class:`PlaceholderError`. ``hint`` is appended to the warnings (e.g. which flag picks another tokenizer).
     """
     model_id = vocab.single_token(placeholder)
     if model_id is not None:
         if file_id is not None and file_id != model_id:
             logger.warning(
-                "'%s': placeholder '%s' has token id %d in the file but %d in this model's tokenizer; using %d",
-                source, placeholder, file_id, model_id, model_id,
+                "'%s': placeholder '%s' has token id %d in the file but %d in this model's tokenizer; using %d%s",
+                source, placeholder, file_id, model_id, model_id, hint,
             )
         return model_id
-    if file_id is not None and 0 <= file_id < vocab.size:
+    if file_id is not None and 0 <= file_id < vocab.size and not vocab.is_unknown(file_id):
         logger.warning(
             "'%s': placeholder '%s' is not one token of this model's tokenizer; keeping the file's token id %d, so "
-            "prompts trigger it with '%s'", source, placeholder, file_id, vocab.token(file_id),
+            "prompts trigger it with '%s'%s", source, placeholder, file_id, vocab.token(file_id), hint,
         )
         return file_id
-    hint = ", ".join(f"'{s}'" for s in vocab.alternatives()[:5])
+    suggestions = ", ".join(f"'{s}'" for s in vocab.alternatives()[:5])
     raise PlaceholderError(
-        f"'{source}': placeholder '{placeholder}' is not one token of this model's tokenizer and the file gives no usable "
-        f"token id; rename it to a single-token string such as {hint} "
+        f"'{source}': placeholder '{placeholder}' is not one known token of this model's tokenizer and the file gives no "
+        f"usable token id; rename it to a single-token string such as {suggestions} "
         f"(scripts/embedding_tool.py convert --rename '{placeholder}=*')"
     )
 

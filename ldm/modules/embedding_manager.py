@@ -7,10 +7,11 @@ K > 1 each occurrence is expanded into K consecutive vectors and the sequence is
 
 Differences from the original, all deliberate:
 - the init word may be several tokens: their mean (K = 1) or the tokens spread over the K vectors, with a note;
-- a placeholder that is not one token raises :class:`PlaceholderError` suggesting single-token alternatives;
+- a placeholder that is not one known token (or an init word with an unknown token) raises
+  :class:`PlaceholderError` suggesting alternatives (the checks live in :mod:`ldm.modules.placeholders`);
 - an embedding with more vectors than ``num_vectors_per_token`` just works (the original threw a shape error);
-- files are read with ``weights_only`` loading, checked for width, and written with plain tensors (still the
-  two-key format every tool reads: ``string_to_token`` and ``string_to_param``).
+- files are read and written through :mod:`ldm.modules.embedding_formats` (``weights_only`` loading, a width check,
+  plain tensors in the two-key format every tool reads: ``string_to_token`` and ``string_to_param``).
 """
 from __future__ import annotations
 
@@ -23,37 +24,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.checkpoint import atomic_torch_save
-from ldm.errors import UserError
+from ldm.modules.embedding_formats import (
+    EmbeddingFileError,
+    LoadedEmbeddings,
+    check_width,
+    original_payload,
+    read_embeddings,
+    resolve_token_id,
+    save_original,
+)
+from ldm.modules.placeholders import SUGGESTED_PLACEHOLDERS, PlaceholderError, Vocabulary, all_placeholders, check_placeholders
+
+__all__ = ["EmbeddingFileError", "EmbeddingManager", "PlaceholderError", "SUGGESTED_PLACEHOLDERS", "read_embedding_file"]
 
 logger = logging.getLogger(__name__)
 
 PROGRESSIVE_SCALE = 2000
-SUGGESTED_PLACEHOLDERS = ("*", "@", "&", "#", "$", "%", "^", "~", "א", "ב")
-
-
-class PlaceholderError(UserError, ValueError):
-    """A placeholder string that is not exactly one token of the model's tokenizer."""
-
-
-class EmbeddingFileError(UserError, ValueError):
-    """An embedding file that cannot be used with this model; ``str()`` is a one-line message."""
-
-
-def single_token_alternatives(embedder: Any, taken: set[str] = frozenset()) -> list[str]:
-    return [s for s in SUGGESTED_PLACEHOLDERS if s not in taken and len(embedder.content_token_ids(s)) == 1]
-
-
-def token_for_placeholder(embedder: Any, string: str, taken: set[str] = frozenset()) -> int:
-    """The one token id of ``string``; a clear error with single-token suggestions otherwise."""
-    ids = embedder.content_token_ids(string)
-    if len(ids) != 1:
-        hint = ", ".join(f"'{s}'" for s in single_token_alternatives(embedder, taken)[:5])
-        raise PlaceholderError(
-            f"placeholder '{string}' maps to {len(ids)} tokens of this model's tokenizer, not one; "
-            f"choose a single-token placeholder such as {hint} (--placeholder_string)"
-        )
-    return ids[0]
 
 
 class EmbeddingManager(nn.Module):
@@ -65,8 +51,11 @@ class EmbeddingManager(nn.Module):
         per_image_tokens: bool = False,
         num_vectors_per_token: int = 1,
         progressive_words: bool = False,
+        embedding_manager_ckpt: str | None = None,
         **kwargs: Any,
     ) -> None:
+        """``embedding_manager_ckpt`` (an embedding file to start from) is loaded by the model once the manager is
+        built (:meth:`ldm.models.diffusion.ddpm.LatentDiffusion.setup_personalization`), so it is only named here."""
         super().__init__()
         self.embedder = [embedder]  # a list keeps the (frozen) encoder out of this module's parameters
         self.string_to_token_dict: dict[str, torch.Tensor] = {}
@@ -76,21 +65,22 @@ class EmbeddingManager(nn.Module):
         self.progressive_counter = 0
         self.max_vectors_per_token = num_vectors_per_token
         self.is_clip = bool(embedder.is_clip)
-        placeholders = list(placeholder_strings or ["*"])
-        if per_image_tokens:
-            from ldm.data.personalized import per_img_token_list
-
-            placeholders.extend(per_img_token_list)
+        placeholders = all_placeholders(placeholder_strings, per_image_tokens)
         init_words = list(initializer_words or [])
+        tokens = check_placeholders(self.vocabulary, placeholders, init_words)
         for idx, placeholder in enumerate(placeholders):
-            token = token_for_placeholder(embedder, placeholder, taken=set(placeholders))
-            self.string_to_token_dict[placeholder] = torch.tensor(token)
+            self.string_to_token_dict[placeholder] = torch.tensor(tokens[placeholder])
             if idx < len(init_words) and init_words[idx]:
                 vectors = self.initial_vectors(init_words[idx], num_vectors_per_token)
                 self.initial_embeddings[placeholder] = nn.Parameter(vectors.clone(), requires_grad=False)
             else:
                 vectors = torch.rand(num_vectors_per_token, embedder.embed_dim)
             self.string_to_param_dict[placeholder] = nn.Parameter(vectors, requires_grad=True)
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The text encoder's tokenizer, for the placeholder and init-word checks."""
+        return Vocabulary.of_embedder(self.embedder[0])
 
     @property
     def token_dim(self) -> int:
@@ -103,9 +93,7 @@ class EmbeddingManager(nn.Module):
         Several tokens: their mean when K = 1, else the tokens spread in order over the K rows.
         """
         embedder = self.embedder[0]
-        ids = embedder.content_token_ids(word)
-        if not ids:
-            raise PlaceholderError(f"init word '{word}' has no tokens; pass a word with --init_word")
+        ids = self.vocabulary.init_word_ids(word)
         table = embedder.token_embedding.weight.detach().float().cpu()
         vectors = table[torch.tensor(ids)]
         if self.is_clip:
@@ -207,15 +195,10 @@ class EmbeddingManager(nn.Module):
 
     def state_to_save(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The original two-key format (plain tensors, so safe loaders read it), plus optional metadata keys."""
-        payload: dict[str, Any] = {
-            "string_to_token": {s: t.detach().clone().cpu() for s, t in self.string_to_token_dict.items()},
-            "string_to_param": {s: p.detach().clone().cpu() for s, p in self.string_to_param_dict.items()},
-        }
-        payload.update(extra or {})
-        return payload
+        return original_payload(self.string_to_param_dict, self.string_to_token_dict, extra)
 
     def save(self, ckpt_path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-        atomic_torch_save(self.state_to_save(extra), ckpt_path)
+        save_original(ckpt_path, self.string_to_param_dict, self.string_to_token_dict, extra)
 
     def load(self, ckpt_path: str | os.PathLike) -> None:
         """Replace the placeholders and vectors by those of an embedding file in any supported format.
@@ -224,20 +207,15 @@ class EmbeddingManager(nn.Module):
         gives it (see :func:`ldm.modules.embedding_formats.resolve_token_id`); any number of vectors per placeholder
         works.
         """
-        from ldm.modules.embedding_formats import Vocabulary, check_width, resolve_token_id
-
         loaded = read_embedding_file(ckpt_path)
         check_width(loaded, self.token_dim)
-        vocab = Vocabulary.of_embedder(self.embedder[0])
-        tokens = {p: torch.tensor(resolve_token_id(vocab, p, loaded.token_ids.get(p), ckpt_path)) for p in loaded.vectors}
+        tokens = {p: torch.tensor(resolve_token_id(self.vocabulary, p, loaded.token_ids.get(p), ckpt_path)) for p in loaded.vectors}
         self.string_to_token_dict = tokens
         self.string_to_param_dict = nn.ParameterDict(
             {s: nn.Parameter(v.reshape(-1, self.token_dim).float()) for s, v in loaded.vectors.items()}
         )
 
 
-def read_embedding_file(path: str | os.PathLike) -> Any:
+def read_embedding_file(path: str | os.PathLike) -> LoadedEmbeddings:
     """The :class:`~ldm.modules.embedding_formats.LoadedEmbeddings` of any supported embedding file (no pickled code runs)."""
-    from ldm.modules.embedding_formats import read_embeddings
-
     return read_embeddings(path)

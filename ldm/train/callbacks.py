@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from ldm.checkpoint import atomic_torch_save
 from ldm.data.images import save_image_grid
+from ldm.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ class SetupCallback(pl.Callback):
             return
         for folder in (self.logdir, self.ckptdir, self.cfgdir):
             folder.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, self.cfgdir / f"{self.now}-project.yaml")
-        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}), self.cfgdir / f"{self.now}-lightning.yaml")
+        atomic_write_text(self.cfgdir / f"{self.now}-project.yaml", OmegaConf.to_yaml(self.config))
+        atomic_write_text(self.cfgdir / f"{self.now}-lightning.yaml", OmegaConf.to_yaml({"lightning": self.lightning_config}))
         logger.info("Project config\n%s", OmegaConf.to_yaml(self.config))
 
 
@@ -139,31 +140,45 @@ def check_ranks_agree(pl_module: pl.LightningModule) -> None:
 
 
 class LossCurve(pl.Callback):
-    """At the end of training, ``<run>/loss.png``: the training loss per step from the CSV log."""
+    """At the end of training, ``<run>/loss.png``: the training loss per step from the CSV logs of every version of
+    the run (a resumed run logs to ``csv/version_1``, ...; the curve still covers all its steps)."""
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.logger is None or not trainer.logger.log_dir:
+        logger_ = trainer.logger
+        if not trainer.is_global_zero or logger_ is None or not logger_.log_dir:
             return
-        trainer.logger.save()
-        metrics = Path(trainer.logger.log_dir) / "metrics.csv"
-        if metrics.exists():
-            plot_loss_curve(metrics, Path(trainer.logger.save_dir) / "loss.png")
+        logger_.save()
+        plot_loss_curve(run_metrics(Path(logger_.log_dir).parent), Path(logger_.save_dir) / "loss.png")
 
 
-def plot_loss_curve(metrics_csv: Path, out_png: Path, key: str = "train/loss_step") -> None:
+def run_metrics(csv_root: Path) -> list[Path]:
+    """``version_*/metrics.csv`` under ``csv_root``, oldest version first."""
+    versions = [d for d in csv_root.glob("version_*") if d.name.removeprefix("version_").isdigit()]
+    ordered = sorted(versions, key=lambda d: int(d.name.removeprefix("version_")))
+    return [d / "metrics.csv" for d in ordered if (d / "metrics.csv").is_file()]
+
+
+def read_losses(metrics_csvs: list[Path], key: str = "train/loss_step") -> tuple[list[int], list[float]]:
+    """Steps and losses from several CSV logs; where a resumed version repeats a step, its value wins."""
+    by_step: dict[int, float] = {}
+    for metrics_csv in metrics_csvs:
+        with open(metrics_csv, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get(key):
+                    by_step[int(row["step"])] = float(row[key])
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot_loss_curve(metrics_csvs: list[Path], out_png: Path, key: str = "train/loss_step") -> None:
+    steps, losses = read_losses(metrics_csvs, key)
+    if not steps:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, losses = [], []
-    with open(metrics_csv, newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row.get(key):
-                steps.append(int(row["step"]))
-                losses.append(float(row[key]))
-    if not steps:
-        return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, lw=0.6, alpha=0.5, label="per step")
     window = max(1, len(losses) // 20)
@@ -175,5 +190,5 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path, key: str = "train/loss_ste
     ax.set_title("training loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    atomic_write(out_png, lambda temp: fig.savefig(temp, dpi=100, format="png"))
     plt.close(fig)

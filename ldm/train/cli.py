@@ -15,12 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from ldm.config import ConfigError, load_configs
 
-from ldm.errors import ConfigError
+__all__ = ["ConfigError", "count_devices", "get_parser", "load_configs", "parse_devices", "resolve_run", "split_unknown"]
 
 
 def str2bool(v: str | bool) -> bool:
@@ -70,16 +67,22 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def trainer_parameters() -> set[str]:
+    """The keyword arguments of ``pytorch_lightning.Trainer`` (imported only here, when an extra option needs it)."""
+    import pytorch_lightning as pl
+
+    return set(inspect.signature(pl.Trainer.__init__).parameters)
+
+
 def split_unknown(unknown: list[str]) -> tuple[list[str], dict[str, Any]]:
     """``key=value`` config overrides, and ``--name value`` pairs that name a Trainer argument."""
-    trainer_params = set(inspect.signature(pl.Trainer.__init__).parameters)
     dotlist, extra = [], {}
     i = 0
     while i < len(unknown):
         token = unknown[i]
         if token.startswith("--"):
             name, _, value = token[2:].partition("=")
-            if name not in trainer_params:
+            if name not in trainer_parameters():
                 raise ConfigError(f"unknown option '--{name}'; see python main.py --help")
             if not value:
                 i += 1
@@ -102,29 +105,6 @@ def _parse_value(value: str) -> Any:
         except ValueError:
             pass
     return str2bool(value) if value.lower() in ("true", "false") else value
-
-
-def load_configs(paths: list[str], dotlist: list[str], flag: str = "--base") -> Any:
-    """Merge the configs given with ``flag`` left to right, then the ``key=value`` overrides."""
-    if not paths:
-        raise ConfigError(f"no config given; pass one with {flag} configs/...yaml")
-    configs = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise ConfigError(f"{flag}: config file '{path}' does not exist; check the path (configs/ holds the shipped ones)")
-        try:
-            configs.append(OmegaConf.load(path))
-        except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as err:
-            raise ConfigError(f"{flag}: '{path}' is not a readable YAML config ({type(err).__name__})") from err
-    try:
-        return OmegaConf.merge(*configs, OmegaConf.from_dotlist(dotlist))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"config override failed: {str(err).splitlines()[0]}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            f"config override failed: a value of {dotlist} is not valid YAML ({str(err).splitlines()[0]}); quote "
-            "strings that hold brackets, braces or colons, e.g. 'key=[\"a [b] {}\"]'"
-        ) from err
 
 
 @dataclass

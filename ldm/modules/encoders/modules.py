@@ -81,6 +81,11 @@ class _TextEmbedder(AbstractEncoder):
         raise NotImplementedError
 
     @property
+    def loaded_tokenizer(self) -> LoadedTokenizer:
+        """The tokenizer with its text cleaning (what :class:`ldm.modules.placeholders.Vocabulary` is built from)."""
+        return self._loaded_tokenizer()
+
+    @property
     def device(self) -> torch.device:
         """The device of the parameters (inputs are moved there)."""
         return next(self.parameters()).device

@@ -34,6 +34,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ldm.io import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
@@ -150,12 +152,6 @@ def _byte_symbols() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(n_other)]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _convert_clip_bpe(bpe_gz: Path, out_dir: Path) -> None:
     """Write ``vocab.json`` and ``merges.txt`` (transformers' CLIP format) for OpenAI's gzipped BPE merges file."""
     lines = gzip.decompress(bpe_gz.read_bytes()).decode("utf-8").split("\n")
@@ -166,8 +162,8 @@ def _convert_clip_bpe(bpe_gz: Path, out_dir: Path) -> None:
     if len(vocab) != CLIP_VOCAB_SIZE:
         raise ValueError(f"{bpe_gz} gives {len(vocab)} vocabulary entries, expected {CLIP_VOCAB_SIZE}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-    _atomic_write(out_dir / "vocab.json", json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic_write_text(out_dir / "vocab.json", json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
 
 
 def _user_cache_dir() -> Path:
