@@ -48,13 +48,21 @@ def freeze_module(module: nn.Module) -> None:
         p.requires_grad = False
 
 
+# The text encoder's key prefix tells the family: (prefix, name), first match wins.
+CHECKPOINT_FAMILIES: tuple[tuple[str, str], ...] = (
+    ("conditioner.embedders.", "SDXL (CLIP-L + OpenCLIP-bigG text encoders)"),
+    ("cond_stage_model.model.", "SD 2.x (OpenCLIP text encoder)"),
+    ("cond_stage_model.transformer.text_model.", "SD v1 (CLIP text encoder)"),
+    ("cond_stage_model.transformer.token_emb", "LDM (BERT-style text encoder)"),
+)
+
+
 def checkpoint_family(keys: Any) -> str | None:
     """Which text-to-image family a set of state-dict keys belongs to, when the text encoder tells."""
     keys = list(keys)
-    if any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys):
-        return "SD v1 (CLIP text encoder)"
-    if any(k.startswith("cond_stage_model.transformer.token_emb") for k in keys):
-        return "LDM (BERT-style text encoder)"
+    for prefix, family in CHECKPOINT_FAMILIES:
+        if any(k.startswith(prefix) for k in keys):
+            return family
     return None
 
 

@@ -336,3 +336,15 @@ class FrozenCLIPEmbedder(_TextEmbedder):
         tokens = self._token_ids(text)
         with self._substitution(embedding_manager):
             return self.transformer(input_ids=tokens).last_hidden_state
+
+
+def __getattr__(name: str):
+    """``FrozenOpenCLIPEmbedder`` (SD 2.x configs name it here) lives in :mod:`ldm.modules.encoders.open_clip`.
+
+    Imported lazily: that module builds on the classes above, so a top-level import would be circular.
+    """
+    if name == "FrozenOpenCLIPEmbedder":
+        from ldm.modules.encoders.open_clip import FrozenOpenCLIPEmbedder
+
+        return FrozenOpenCLIPEmbedder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
