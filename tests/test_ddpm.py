@@ -52,6 +52,7 @@ def test_every_shipped_config_builds(config):
     ("ldm-txt2img-1p4B", "latent-diffusion/txt2img-1p4B-eval.yaml"),
     ("sd-v1", "stable-diffusion/v1-inference.yaml"),
     ("sd2-v", "stable-diffusion/v2-inference-v.yaml"),
+    ("sdxl-base", "stable-diffusion-xl/sdxl-inference.yaml"),
 ])
 def test_real_checkpoint_keys_load_cleanly(family, config, tmp_path, monkeypatch):
     model = build_on_meta(REPO / "configs" / config)
@@ -61,7 +62,7 @@ def test_real_checkpoint_keys_load_cleanly(family, config, tmp_path, monkeypatch
         keys.update({k: v["shape"] for k, v in group.items()})
     # the model's schedule buffers are real CPU tensors; everything else lives on the meta device
     sd = {k: torch.zeros(shape) if "." not in k else torch.empty(shape, device="meta") for k, shape in keys.items()}
-    assert any(k.startswith("model_ema.") for k in sd) or family == "sd2-v"  # SD 2.x lists no EMA keys
+    assert any(k.startswith("model_ema.") for k in sd) or family in ("sd2-v", "sdxl-base")  # those list no EMA keys
     monkeypatch.setattr("ldm.models.diffusion.ddpm.load_state_dict", lambda *a, **k: dict(sd))
     missing, unexpected = model.init_from_ckpt("model.ckpt")
     assert missing == [] and unexpected == []
@@ -78,6 +79,9 @@ def test_wrong_family_checkpoint_is_refused(monkeypatch):
 @pytest.mark.parametrize("config,family,have,want", [
     ("stable-diffusion/v1-inference.yaml", "sd2-v", "SD 2.x", "SD v1"),
     ("stable-diffusion/v2-inference-v.yaml", "sd-v1", "SD v1", "SD 2.x"),
+    ("stable-diffusion/v2-inference-v.yaml", "sdxl-base", "SDXL", "SD 2.x"),
+    ("stable-diffusion-xl/sdxl-inference.yaml", "sd2-v", "SD 2.x", "SDXL"),
+    ("stable-diffusion-xl/sdxl-inference.yaml", "sd-v1", "SD v1", "SDXL"),
 ])
 def test_other_family_checkpoint_is_one_line_naming_both(monkeypatch, config, family, have, want):
     model = build_on_meta(REPO / "configs" / config)

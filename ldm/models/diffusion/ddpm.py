@@ -32,7 +32,7 @@ from ldm.util import count_params, default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-__conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
+__conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y", "crossattn-adm": "c_adm"}
 
 
 def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -73,16 +73,21 @@ def describe_mismatch(path: str, bad_keys: list[str], problem: str, have: str | 
 
 
 class DiffusionWrapper(nn.Module):
-    """Routes the conditioning to the UNet the way ``conditioning_key`` says (the ``model.`` level of checkpoints)."""
+    """Routes the conditioning to the UNet the way ``conditioning_key`` says (the ``model.`` level of checkpoints).
+
+    ``crossattn-adm`` (SDXL; SD 2.x's unCLIP) passes ``c_crossattn`` as the context and ``c_adm`` as the vector ``y``.
+    """
 
     def __init__(self, diff_model_config: Any, conditioning_key: str | None) -> None:
         super().__init__()
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
-        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm"):
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm", "crossattn-adm"):
             raise ValueError(f"unknown conditioning_key '{conditioning_key}'")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None, c_crossattn: list | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None, c_crossattn: list | None = None, c_adm: torch.Tensor | None = None
+    ) -> torch.Tensor:
         key = self.conditioning_key
         if key is None:
             return self.diffusion_model(x, t)
@@ -92,6 +97,8 @@ class DiffusionWrapper(nn.Module):
             return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
         if key == "hybrid":
             return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t, context=torch.cat(c_crossattn, 1))
+        if key == "crossattn-adm":
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), y=c_adm)
         return self.diffusion_model(x, t, y=c_crossattn[0])
 
 

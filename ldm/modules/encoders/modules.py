@@ -247,8 +247,8 @@ class _TextModelHolder(nn.Module):
         super().__init__()
         self.text_model = text_model
 
-    def forward(self, input_ids: torch.Tensor):
-        return self.text_model(input_ids=input_ids)
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        return self.text_model(input_ids=input_ids, **kwargs)
 
 
 def build_clip_text_transformer(config) -> nn.Module:
@@ -270,7 +270,10 @@ def _drop_position_ids(state_dict: dict, prefix: str, *args) -> None:
 
 
 class FrozenCLIPEmbedder(_TextEmbedder):
-    """The SD v1 text encoder: CLIP ViT-L/14's frozen text transformer; last hidden state after the final LayerNorm."""
+    """The SD v1 text encoder: CLIP ViT-L/14's frozen text transformer; last hidden state after the final LayerNorm.
+
+    ``text_config`` (a ``CLIPTextConfig`` dict) builds another shape without a config file (tiny test models).
+    """
 
     def __init__(
         self,
@@ -278,12 +281,19 @@ class FrozenCLIPEmbedder(_TextEmbedder):
         device: str = "cuda",
         max_length: int = 77,
         tokenizer_path: Optional[str] = None,
+        text_config: Optional[dict] = None,
     ) -> None:
         super().__init__()
         self.version = version
         self.tokenizer_path = tokenizer_path
         self._max_length = max_length
-        self.transformer = build_clip_text_transformer(clip_text_config(version))
+        if text_config is not None:
+            from transformers import CLIPTextConfig
+
+            config = CLIPTextConfig(**dict(text_config))
+        else:
+            config = clip_text_config(version)
+        self.transformer = build_clip_text_transformer(config)
         self._register_load_state_dict_pre_hook(_drop_position_ids)
         self.freeze()
 
