@@ -134,8 +134,9 @@ class GeneralConditioner(nn.Module):
     """The original's conditioner: ``embedders`` run on the batch keys they name; outputs concatenated by rank.
 
     Each ``emb_models`` entry is a config (``target``, ``params``) plus ``input_key`` (or ``input_keys``),
-    ``is_trainable`` (default False: frozen, run without gradients) and ``ucg_rate`` (training-time probability of
-    zeroing that embedder's output per sample). ``forward(batch)`` returns ``{"crossattn": [B, L, sum of widths],
+    ``is_trainable`` (default False: frozen, run without gradients) and ``ucg_rate`` (probability of zeroing that
+    embedder's output per sample, for classifier-free-guidance training; applied on every call as in the original, so
+    inference configs set none). ``forward(batch)`` returns ``{"crossattn": [B, L, sum of widths],
     "vector": [B, sum of widths]}`` (and ``concat`` for 4-D outputs).
     """
 
@@ -183,7 +184,7 @@ class GeneralConditioner(nn.Module):
                 out = embedder(*inputs, **kwargs)
             for emb in out if isinstance(out, (list, tuple)) else [out]:
                 key = self.OUTPUT_DIM2KEYS[emb.dim()]
-                if embedder.ucg_rate > 0.0 and self.training:
+                if embedder.ucg_rate > 0.0:
                     keep = torch.bernoulli((1.0 - embedder.ucg_rate) * torch.ones(emb.shape[0], device=emb.device))
                     emb = keep.view(-1, *([1] * (emb.dim() - 1))) * emb
                 if any(k in force_zero_embeddings for k in embedder.input_keys):
