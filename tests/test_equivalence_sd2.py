@@ -97,3 +97,14 @@ def test_ddim_every_intermediate(model, F, scale):
     close(samples, F[f"ddim5.scale{scale}.final"], rtol=1e-3)
     close(torch.stack(inter["x_inter"]), F[f"ddim5.scale{scale}.x_inter"], rtol=1e-3)
     close(torch.stack(inter["pred_x0"]), F[f"ddim5.scale{scale}.pred_x0"], rtol=1e-3)
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32(model, F):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        c = model.get_learned_conditioning(F["inputs.prompts"][:2])
+        out = model.apply_model(F["inputs.x0"], F["inputs.t"], c)
+    assert torch.isfinite(out).all()
+    assert (c.float() - F["cond"][:2]).abs().max() < 0.05 * F["cond"].abs().max()
+    with torch.no_grad():
+        ref = model.apply_model(F["inputs.x0"], F["inputs.t"], F["cond"][:2])
+    assert torch.nn.functional.cosine_similarity(out.float().flatten(), ref.flatten(), dim=0) > 0.99

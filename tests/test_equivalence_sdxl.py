@@ -133,3 +133,14 @@ def test_ddim_with_guidance_on_the_conditioning_dict(model):
     guided, _ = DDIMSampler(model).sample(**kwargs, unconditional_guidance_scale=3.0, unconditional_conditioning=cond)
     assert torch.isfinite(plain).all() and not torch.allclose(plain, x_T)
     close(guided, plain, rtol=1e-5)
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32(model, F, batch):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cond = model.conditioner(batch)
+        out = model.apply_model(F["inputs.x"], F["inputs.t"], {k: v[:2] for k, v in cond.items()})
+    assert torch.isfinite(out).all()
+    for key in ("crossattn", "vector"):
+        assert (cond[key].float() - F[f"cond.{key}"]).abs().max() < 0.05 * F[f"cond.{key}"].abs().max()
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(), F["unet"].flatten(), dim=0)
+    assert cos > 0.99
