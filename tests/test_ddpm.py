@@ -10,7 +10,16 @@ from ldm.checkpoint import CheckpointError
 from ldm.models.diffusion.training import NonFiniteLossError
 from ldm.util import instantiate_from_config
 
-CONFIGS = sorted((REPO / "configs").glob("*-diffusion/*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*-diffusion/*.yaml")) + sorted((REPO / "configs").glob("stable-diffusion-xl/*.yaml"))
+
+
+def family_of(config):
+    """The reference manifest a shipped config's model must match."""
+    if config.parent.name == "stable-diffusion-xl":
+        return "sdxl-base"
+    if config.parent.name == "stable-diffusion":
+        return "sd2-v" if config.stem.startswith("v2-") else "sd-v1"
+    return "ldm-txt2img-1p4B"
 
 
 def build_on_meta(path):
@@ -30,8 +39,7 @@ def reference(name):
 def test_every_shipped_config_builds(config):
     model = build_on_meta(config)
     assert model.num_timesteps == 1000
-    family = "sd-v1" if "stable" in str(config) else "ldm-txt2img-1p4B"
-    ref = reference(family)["state_dict"]
+    ref = reference(family_of(config))["state_dict"]
     ours = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("embedding_manager.")}
     assert ours == {k: v["shape"] for k, v in ref.items()}
     if "personalization_config" in OmegaConf.load(config).model.params:
@@ -41,7 +49,12 @@ def test_every_shipped_config_builds(config):
         assert unfrozen or all(n.startswith("embedding_manager.string_to_param_dict") for n in trainable)
 
 
-@pytest.mark.parametrize("family,config", [("ldm-txt2img-1p4B", "latent-diffusion/txt2img-1p4B-eval.yaml"), ("sd-v1", "stable-diffusion/v1-inference.yaml")])
+@pytest.mark.parametrize("family,config", [
+    ("ldm-txt2img-1p4B", "latent-diffusion/txt2img-1p4B-eval.yaml"),
+    ("sd-v1", "stable-diffusion/v1-inference.yaml"),
+    ("sd2-v", "stable-diffusion/v2-inference-v.yaml"),
+    ("sdxl-base", "stable-diffusion-xl/sdxl-inference.yaml"),
+])
 def test_real_checkpoint_keys_load_cleanly(family, config, tmp_path, monkeypatch):
     model = build_on_meta(REPO / "configs" / config)
     ref = reference(family)
@@ -50,7 +63,7 @@ def test_real_checkpoint_keys_load_cleanly(family, config, tmp_path, monkeypatch
         keys.update({k: v["shape"] for k, v in group.items()})
     # the model's schedule buffers are real CPU tensors; everything else lives on the meta device
     sd = {k: torch.zeros(shape) if "." not in k else torch.empty(shape, device="meta") for k, shape in keys.items()}
-    assert any(k.startswith("model_ema.") for k in sd)
+    assert any(k.startswith("model_ema.") for k in sd) or family in ("sd2-v", "sdxl-base")  # those list no EMA keys
     monkeypatch.setattr("ldm.models.diffusion.ddpm.load_state_dict", lambda *a, **k: dict(sd))
     missing, unexpected = model.init_from_ckpt("model.ckpt")
     assert missing == [] and unexpected == []
@@ -62,6 +75,22 @@ def test_wrong_family_checkpoint_is_refused(monkeypatch):
     monkeypatch.setattr("ldm.models.diffusion.ddpm.load_state_dict", lambda *a, **k: dict(sd))
     with pytest.raises(CheckpointError, match="SD v1 .* checkpoint but the config builds an LDM"):
         model.init_from_ckpt("sd.ckpt")
+
+
+@pytest.mark.parametrize("config,family,have,want", [
+    ("stable-diffusion/v1-inference.yaml", "sd2-v", "SD 2.x", "SD v1"),
+    ("stable-diffusion/v2-inference-v.yaml", "sd-v1", "SD v1", "SD 2.x"),
+    ("stable-diffusion/v2-inference-v.yaml", "sdxl-base", "SDXL", "SD 2.x"),
+    ("stable-diffusion-xl/sdxl-inference.yaml", "sd2-v", "SD 2.x", "SDXL"),
+    ("stable-diffusion-xl/sdxl-inference.yaml", "sd-v1", "SD v1", "SDXL"),
+])
+def test_other_family_checkpoint_is_one_line_naming_both(monkeypatch, config, family, have, want):
+    model = build_on_meta(REPO / "configs" / config)
+    sd = {k: torch.empty(v["shape"], device="meta") for k, v in reference(family)["state_dict"].items() if "." in k}
+    monkeypatch.setattr("ldm.models.diffusion.ddpm.load_state_dict", lambda *a, **k: dict(sd))
+    with pytest.raises(CheckpointError, match=f"{have} .* checkpoint but the config builds an {want}") as err:
+        model.init_from_ckpt("other.ckpt")
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])

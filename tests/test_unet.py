@@ -230,3 +230,54 @@ def test_extract_and_groupnorm32() -> None:
     x = torch.randn(2, 64, 4, 4).to(torch.bfloat16)
     assert norm(x).dtype == torch.bfloat16
     assert util.noise_like((3, 2, 2), "cpu", repeat=True).unique(dim=0).shape[0] == 1
+
+
+SD2_UNET = dict(FULL_UNET, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True, context_dim=1024)
+SDXL_UNET = dict(
+    FULL_UNET, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True, context_dim=2048,
+    attention_resolutions=[4, 2], channel_mult=[1, 2, 4], transformer_depth=[1, 2, 10],
+    num_classes="sequential", adm_in_channels=2816,
+)
+
+
+@pytest.mark.parametrize(("file", "kwargs"), [("sd2-v.state_dict.json", SD2_UNET), ("sdxl-base.state_dict.json", SDXL_UNET)])
+def test_sd2_and_sdxl_unets_match_their_manifests_in_order_and_size(file: str, kwargs: dict) -> None:
+    """Linear projections, per-level depth (SDXL level 0 has no attention, the middle block the last level's depth)
+    and ``label_emb`` give exactly the original's keys, order and parameter count."""
+    manifest = json.loads((REFERENCE / file).read_text())
+    expected = {k[len(PREFIX):]: tuple(v["shape"]) for k, v in manifest["state_dict"].items() if k.startswith(PREFIX)}
+    with torch.device("meta"):
+        unet = UNetModel(**kwargs)
+    got = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    assert list(got.items()) == list(expected.items())
+    assert sum(p.numel() for p in unet.parameters()) == manifest["param_counts"]["model.diffusion_model"]
+
+
+def test_sequential_label_emb_adds_the_vector_to_the_time_embedding() -> None:
+    torch.manual_seed(0)
+    unet = UNetModel(
+        image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1, attention_resolutions=[2],
+        channel_mult=[1, 2], num_head_channels=16, use_spatial_transformer=True, use_linear_in_transformer=True,
+        transformer_depth=[1, 2], context_dim=8, num_classes="sequential", adm_in_channels=6,
+    ).eval()
+    for p in unet.parameters():  # the zero-initialised output layers would hide every difference
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 8)
+    y = torch.randn(2, 6)
+    with torch.no_grad():
+        out = unet(x, t, ctx, y=y)
+        assert not torch.allclose(out, unet(x, t, ctx, y=torch.zeros_like(y)))
+        unet.label_emb[0][2].weight.zero_()
+        unet.label_emb[0][2].bias.zero_()
+        assert torch.allclose(unet(x, t, ctx, y=y), unet(x, t, ctx, y=torch.zeros_like(y)))
+    assert len(unet.middle_block[1].transformer_blocks) == 2
+
+
+def test_sdxl_unet_options_are_checked() -> None:
+    base = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1,
+                attention_resolutions=[2], channel_mult=[1, 2], num_head_channels=16, use_spatial_transformer=True,
+                context_dim=8)
+    with pytest.raises(ValueError, match="needs adm_in_channels"):
+        UNetModel(**base, num_classes="sequential")
+    with pytest.raises(ValueError, match="transformer_depth has 3 entries for 2 levels"):
+        UNetModel(**base, transformer_depth=[1, 1, 1])

@@ -140,7 +140,8 @@ class SpatialTransformer(nn.Module):
 
     Normalise, project in (1x1 conv), flatten to ``b (h w) c``, run the blocks, reshape back, project out (1x1 conv,
     zero-initialised), add the input. ``use_checkpoint`` (default True, as the original's blocks always
-    checkpointed) is passed to the blocks; the UNet passes its own ``use_checkpoint``.
+    checkpointed) is passed to the blocks; the UNet passes its own ``use_checkpoint``. ``use_linear`` (SD 2.x and
+    SDXL: ``use_linear_in_transformer``) projects in and out with Linear layers on the flattened pixels instead.
     """
 
     def __init__(
@@ -152,26 +153,42 @@ class SpatialTransformer(nn.Module):
         dropout: float = 0.0,
         context_dim: int | None = None,
         use_checkpoint: bool = True,
+        use_linear: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
+        self.use_linear = use_linear
         inner_dim = n_heads * d_head
         self.norm = Normalize(in_channels)
-        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
+        if use_linear:
+            self.proj_in = nn.Linear(in_channels, inner_dim)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(
                 inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim, checkpoint=use_checkpoint
             )
             for _ in range(depth)
         )
-        self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1, stride=1, padding=0))
+        if use_linear:
+            self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
+        else:
+            self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1, stride=1, padding=0))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
         x_in = x
-        x = self.proj_in(self.norm(x))
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
         x = rearrange(x, "b c h w -> b (h w) c")
+        if self.use_linear:
+            x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context=context)
+        if self.use_linear:
+            x = self.proj_out(x)
         x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
-        return self.proj_out(x) + x_in
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in

@@ -46,13 +46,21 @@ def freeze_module(module: nn.Module) -> None:
         p.requires_grad = False
 
 
+# The text encoder's key prefix tells the family: (prefix, name), first match wins.
+CHECKPOINT_FAMILIES: tuple[tuple[str, str], ...] = (
+    ("conditioner.embedders.", "SDXL (CLIP-L + OpenCLIP-bigG text encoders)"),
+    ("cond_stage_model.model.", "SD 2.x (OpenCLIP text encoder)"),
+    ("cond_stage_model.transformer.text_model.", "SD v1 (CLIP text encoder)"),
+    ("cond_stage_model.transformer.token_emb", "LDM (BERT-style text encoder)"),
+)
+
+
 def checkpoint_family(keys: Any) -> str | None:
     """Which text-to-image family a set of state-dict keys belongs to, when the text encoder tells."""
     keys = list(keys)
-    if any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys):
-        return "SD v1 (CLIP text encoder)"
-    if any(k.startswith("cond_stage_model.transformer.token_emb") for k in keys):
-        return "LDM (BERT-style text encoder)"
+    for prefix, family in CHECKPOINT_FAMILIES:
+        if any(k.startswith(prefix) for k in keys):
+            return family
     return None
 
 
@@ -63,16 +71,21 @@ def describe_mismatch(path: str, bad_keys: list[str], problem: str, have: str | 
 
 
 class DiffusionWrapper(nn.Module):
-    """Routes the conditioning to the UNet the way ``conditioning_key`` says (the ``model.`` level of checkpoints)."""
+    """Routes the conditioning to the UNet the way ``conditioning_key`` says (the ``model.`` level of checkpoints).
+
+    ``crossattn-adm`` (SDXL; SD 2.x's unCLIP) passes ``c_crossattn`` as the context and ``c_adm`` as the vector ``y``.
+    """
 
     def __init__(self, diff_model_config: Any, conditioning_key: str | None) -> None:
         super().__init__()
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
-        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm"):
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm", "crossattn-adm"):
             raise ValueError(f"unknown conditioning_key '{conditioning_key}'")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None, c_crossattn: list | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None, c_crossattn: list | None = None, c_adm: torch.Tensor | None = None
+    ) -> torch.Tensor:
         key = self.conditioning_key
         if key is None:
             return self.diffusion_model(x, t)
@@ -82,6 +95,8 @@ class DiffusionWrapper(nn.Module):
             return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
         if key == "hybrid":
             return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t, context=torch.cat(c_crossattn, 1))
+        if key == "crossattn-adm":
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), y=c_adm)
         return self.diffusion_model(x, t, y=c_crossattn[0])
 
 

@@ -60,6 +60,12 @@ class UNetModel(nn.Module):
     ``attention_resolutions`` holds the downsampling factors (1, 2, 4, ...) at which attention is used;
     ``channel_mult`` the channel multiplier of each level. ``forward(x, timesteps, context, y)`` returns a tensor
     shaped like ``x`` with ``out_channels`` channels.
+
+    SD 2.x and SDXL options (the original v2 / sgm arguments): ``use_linear_in_transformer`` (Linear projections in
+    the spatial transformers), ``transformer_depth`` per level as a list (SDXL ``[1, 2, 10]``; the middle block uses
+    the last level's depth), and ``num_classes: "sequential"`` with ``adm_in_channels``: a vector ``y`` ``[N,
+    adm_in_channels]`` (SDXL's pooled text and size embeddings) mapped by ``label_emb`` (Linear, SiLU, Linear) and
+    added to the timestep embedding.
     """
 
     def __init__(
@@ -74,7 +80,7 @@ class UNetModel(nn.Module):
         channel_mult=(1, 2, 4, 8),
         conv_resample: bool = True,
         dims: int = 2,
-        num_classes: int | None = None,
+        num_classes: int | str | None = None,
         use_checkpoint: bool = False,
         use_fp16: bool = False,
         num_heads: int = -1,
@@ -84,10 +90,12 @@ class UNetModel(nn.Module):
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
         use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
+        transformer_depth: int | list[int] = 1,
         context_dim: int | None = None,
         n_embed: int | None = None,
         legacy: bool = True,
+        use_linear_in_transformer: bool = False,
+        adm_in_channels: int | None = None,
     ) -> None:
         super().__init__()
         if use_spatial_transformer:
@@ -122,7 +130,11 @@ class UNetModel(nn.Module):
         self._use_scale_shift_norm = use_scale_shift_norm
         self._use_new_attention_order = use_new_attention_order
         self._use_spatial_transformer = use_spatial_transformer
-        self._transformer_depth = transformer_depth
+        depths = [transformer_depth] * len(channel_mult) if isinstance(transformer_depth, int) else list(transformer_depth)
+        if len(depths) != len(channel_mult):
+            raise ValueError(f"transformer_depth has {len(depths)} entries for {len(channel_mult)} levels (channel_mult)")
+        self._transformer_depth = depths
+        self._use_linear = use_linear_in_transformer
         self._context_dim = list(context_dim) if isinstance(context_dim, (list, tuple)) else context_dim
         self._legacy = legacy
 
@@ -130,14 +142,20 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim)
         )
-        if num_classes is not None:
+        if num_classes == "sequential":
+            if adm_in_channels is None:
+                raise ValueError('num_classes: "sequential" needs adm_in_channels (the width of the vector y)')
+            self.label_emb = nn.Sequential(
+                nn.Sequential(linear(adm_in_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim))
+            )
+        elif num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
         input_block_chans = self._build_input_blocks(time_embed_dim, resblock_updown)
         ch = input_block_chans[-1]
         self.middle_block = TimestepEmbedSequential(
             self._resblock(ch, time_embed_dim, ch),
-            self._attention(ch, num_heads),
+            self._attention(ch, num_heads, depths[-1]),
             self._resblock(ch, time_embed_dim, ch),
         )
         ch = self._build_output_blocks(time_embed_dim, input_block_chans, resblock_updown)
@@ -165,8 +183,8 @@ class UNetModel(nn.Module):
             down=down,
         )
 
-    def _attention(self, ch: int, legacy_block_heads: int) -> nn.Module:
-        """The attention layer after a ResBlock with ``ch`` channels.
+    def _attention(self, ch: int, legacy_block_heads: int, depth: int) -> nn.Module:
+        """The attention layer after a ResBlock with ``ch`` channels (``depth`` transformer blocks).
 
         ``legacy_block_heads`` is the head count passed to an ``AttentionBlock`` (used when no spatial transformer
         is used; the original passes ``num_heads_upsample`` in the decoder half). It only matters when
@@ -180,9 +198,10 @@ class UNetModel(nn.Module):
                 ch,
                 heads,
                 dim_head,
-                depth=self._transformer_depth,
+                depth=depth,
                 context_dim=self._context_dim,
                 use_checkpoint=self.use_checkpoint,
+                use_linear=self._use_linear,
             )
         return AttentionBlock(
             ch,
@@ -205,7 +224,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [self._resblock(ch, emb_dim, mult * mc)]
                 ch = mult * mc
                 if ds in self.attention_resolutions:
-                    layers.append(self._attention(ch, self.num_heads))
+                    layers.append(self._attention(ch, self.num_heads, self._transformer_depth[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
             if level != len(self.channel_mult) - 1:
@@ -231,7 +250,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [self._resblock(ch + ich, emb_dim, mc * mult)]
                 ch = mc * mult
                 if ds in self.attention_resolutions:
-                    layers.append(self._attention(ch, self.num_heads_upsample))
+                    layers.append(self._attention(ch, self.num_heads_upsample, self._transformer_depth[level]))
                 if level and i == self.num_res_blocks:
                     if resblock_updown:
                         layers.append(self._resblock(ch, emb_dim, ch, up=True))
@@ -250,13 +269,17 @@ class UNetModel(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         """Predict from the batch ``x`` ``[N, C, ...]`` at ``timesteps`` ``[N]``, given ``context`` ``[N, L, D]``
-        (cross-attention) and class labels ``y`` ``[N]`` (only when the model is class-conditional)."""
+        (cross-attention) and class labels ``y`` ``[N]`` or, with ``num_classes: "sequential"``, the vector ``y``
+        ``[N, adm_in_channels]`` (only when the model is class-conditional)."""
         assert (y is not None) == (self.num_classes is not None), (
             "must specify y if and only if the model is class-conditional"
         )
         dtype = self.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
-        if self.num_classes is not None:
+        if self.num_classes == "sequential":
+            assert y.shape[0] == x.shape[0]
+            emb = emb + self.label_emb(y.to(dtype))
+        elif self.num_classes is not None:
             assert y.shape == (x.shape[0],)
             emb = emb + self.label_emb(y)
         if context is not None:

@@ -1,4 +1,6 @@
-"""Text encoders of the conditioning stage: BERTEmbedder (LDM-1.4B) and FrozenCLIPEmbedder (Stable Diffusion v1).
+"""Text encoders of the conditioning stage: BERTEmbedder (LDM-1.4B) and FrozenCLIPEmbedder (Stable Diffusion v1);
+FrozenOpenCLIPEmbedder (SD 2.x) lives in :mod:`ldm.modules.encoders.open_clip` and is re-exported here, where configs
+name it. Their shared base is :mod:`ldm.modules.encoders.base`.
 
 Both map a prompt (a string, a list of strings, or token ids ``[B, 77]``) to ``[B, 77, D]`` hidden states and accept an
 ``embedding_manager``: a callable ``(token_ids, token_embeddings) -> token_embeddings`` that Textual Inversion uses to
@@ -22,11 +24,13 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from ldm.modules.encoders.base import AbstractEncoder, EmbeddingManagerFn, TextInput, _as_texts, _TextEmbedder
+from ldm.modules.encoders.open_clip import FrozenOpenCLIPEmbedder
 from ldm.modules.encoders.tokenizers import (
     CLIP_HUB_ID,
     LoadedTokenizer,
@@ -37,9 +41,6 @@ from ldm.modules.encoders.tokenizers import (
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
 logger = logging.getLogger(__name__)
-
-TextInput = Union[str, Sequence[str], torch.Tensor]  # a runtime alias: "|" between types there needs Python 3.10
-EmbeddingManagerFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 POSITION_IDS_KEY = "transformer.text_model.embeddings.position_ids"
 
@@ -61,68 +62,6 @@ BUILTIN_CLIP_TEXT_CONFIGS: dict[str, dict] = {
         eos_token_id=49407,
     ),
 }
-
-
-def _as_texts(text: str | Sequence[str]) -> list[str]:
-    return [text] if isinstance(text, str) else list(text)
-
-
-class AbstractEncoder(nn.Module):
-    """Base class of the conditioning encoders."""
-
-    def encode(self, *args, **kwargs):
-        raise NotImplementedError
-
-
-class _TextEmbedder(AbstractEncoder):
-    """What both text embedders share: device following, tokenizer access and the uniform helper API."""
-
-    def _loaded_tokenizer(self) -> LoadedTokenizer:
-        raise NotImplementedError
-
-    @property
-    def loaded_tokenizer(self) -> LoadedTokenizer:
-        """The tokenizer with its text cleaning (what :class:`ldm.modules.placeholders.Vocabulary` is built from)."""
-        return self._loaded_tokenizer()
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the parameters (inputs are moved there)."""
-        return next(self.parameters()).device
-
-    @property
-    def embed_dim(self) -> int:
-        return self.token_embedding.embedding_dim
-
-    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
-        """Token ids ``[B, max_length]`` on the CPU, with special tokens, truncated and padded as the tokenizer does.
-
-        Rows are memoised per string: training draws its captions from a few dozen templates, so each is tokenized
-        once instead of every step.
-        """
-        cache: dict[str, torch.Tensor] = self.__dict__.setdefault("_token_cache", {})
-        texts = _as_texts(texts)
-        if len(cache) > 4096:
-            cache.clear()  # before picking the new strings: rows of this batch must survive the clearing
-        new = [t for t in dict.fromkeys(texts) if t not in cache]
-        if new:
-            cache.update(zip(new, self._loaded_tokenizer().ids(new, self.max_length)))
-        return torch.stack([cache[t] for t in texts])
-
-    def content_token_ids(self, text: str) -> list[int]:
-        """Ids of ``text`` without special or padding tokens (a placeholder string must give exactly one)."""
-        return self._loaded_tokenizer().content_ids(text)
-
-    def decode_ids(self, ids: Sequence[int]) -> list[str]:
-        """Vocabulary strings of ``ids``."""
-        return self._loaded_tokenizer().tokens(list(ids))
-
-    def _token_ids(self, text: TextInput) -> torch.Tensor:
-        ids = text if isinstance(text, torch.Tensor) else self.tokenize(text)
-        return ids.to(device=self.device, dtype=torch.long)
-
-    def encode(self, text: TextInput, embedding_manager: EmbeddingManagerFn | None = None) -> torch.Tensor:
-        return self(text, embedding_manager=embedding_manager)
 
 
 class BERTTokenizer(AbstractEncoder):
@@ -252,8 +191,8 @@ class _TextModelHolder(nn.Module):
         super().__init__()
         self.text_model = text_model
 
-    def forward(self, input_ids: torch.Tensor):
-        return self.text_model(input_ids=input_ids)
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        return self.text_model(input_ids=input_ids, **kwargs)
 
 
 def build_clip_text_transformer(config) -> nn.Module:
@@ -275,7 +214,10 @@ def _drop_position_ids(state_dict: dict, prefix: str, *args) -> None:
 
 
 class FrozenCLIPEmbedder(_TextEmbedder):
-    """The SD v1 text encoder: CLIP ViT-L/14's frozen text transformer; last hidden state after the final LayerNorm."""
+    """The SD v1 text encoder: CLIP ViT-L/14's frozen text transformer; last hidden state after the final LayerNorm.
+
+    ``text_config`` (a ``CLIPTextConfig`` dict) builds another shape without a config file (tiny test models).
+    """
 
     def __init__(
         self,
@@ -283,12 +225,19 @@ class FrozenCLIPEmbedder(_TextEmbedder):
         device: str = "cuda",
         max_length: int = 77,
         tokenizer_path: str | None = None,
+        text_config: dict | None = None,
     ) -> None:
         super().__init__()
         self.version = version
         self.tokenizer_path = tokenizer_path
         self._max_length = max_length
-        self.transformer = build_clip_text_transformer(clip_text_config(version))
+        if text_config is not None:
+            from transformers import CLIPTextConfig
+
+            config = CLIPTextConfig(**dict(text_config))
+        else:
+            config = clip_text_config(version)
+        self.transformer = build_clip_text_transformer(config)
         self._register_load_state_dict_pre_hook(_drop_position_ids)
         self.freeze()
 

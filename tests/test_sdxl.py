@@ -1,0 +1,92 @@
+"""SDXL's conditioner and model wrapper: size embeddings, output assembly, dropout, zeroing, errors, wrong files.
+
+Equality with the original code's outputs is in test_equivalence_sdxl.py.
+"""
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from paths import REPO
+from ldm.checkpoint import CheckpointError
+from ldm.modules.encoders.sdxl import ConcatTimestepEmbedderND, GeneralConditioner
+from ldm.util import instantiate_from_config
+
+TINY_SDXL = REPO / "tests" / "configs" / "sdxl-tiny.yaml"
+TINY_SD2 = REPO / "tests" / "configs" / "sd2-tiny.yaml"
+EQUIV2 = REPO / "tests" / "fixtures" / "equiv2"
+
+
+@pytest.fixture(scope="module")
+def conditioner():
+    torch.manual_seed(0)
+    return instantiate_from_config(OmegaConf.load(TINY_SDXL).model.params.conditioner_config)
+
+
+def batch(prompts, h=1024, w=768):
+    sizes = torch.tensor([[h, w]] * len(prompts))
+    return {"txt": prompts, "original_size_as_tuple": sizes, "crop_coords_top_left": torch.tensor([[16, 0]] * len(prompts)),
+            "target_size_as_tuple": sizes}
+
+
+def test_size_embedding_is_cos_then_sin_of_each_number():
+    emb = ConcatTimestepEmbedderND(outdim=4)(torch.tensor([[1024, 768]]))
+    freqs = [1.0, math.exp(-math.log(10000) / 2)]
+    expected = [f(v * fr) for v in (1024, 768) for f in (math.cos, math.sin) for fr in freqs]
+    assert torch.allclose(emb[0], torch.tensor(expected), atol=1e-5)
+
+
+def test_outputs_are_concatenated_in_embedder_order(conditioner):
+    out = conditioner(batch(["a cat", "a dog"]))
+    assert out["crossattn"].shape == (2, 77, 64) and out["vector"].shape == (2, 40)
+    with torch.no_grad():
+        clip_l = conditioner.embedders[0](["a cat", "a dog"])
+        context_g, pooled = conditioner.embedders[1](["a cat", "a dog"])
+    assert torch.equal(out["crossattn"][..., :32], clip_l) and torch.equal(out["crossattn"][..., 32:], context_g)
+    assert torch.equal(out["vector"][:, :16], pooled)
+    sizes = ConcatTimestepEmbedderND(4)(torch.tensor([[1024, 768]] * 2))
+    assert torch.equal(out["vector"][:, 16:24], sizes) and torch.equal(out["vector"][:, 32:40], sizes)
+    assert [i for i, _ in conditioner.text_embedders()] == [0, 1]
+
+
+def test_force_zero_embeddings_zeroes_only_that_input(conditioner):
+    out = conditioner(batch([""]), force_zero_embeddings=["txt"])
+    assert out["crossattn"].abs().sum() == 0 and out["vector"][:, :16].abs().sum() == 0
+    assert out["vector"][:, 16:].abs().sum() > 0
+
+
+def test_ucg_rate_drops_that_embedders_output_per_sample(conditioner):
+    assert conditioner(batch(["a"]))["vector"][:, 16:24].abs().sum() > 0
+    conditioner.embedders[2].ucg_rate = 1.0
+    try:
+        dropped = conditioner(batch(["a", "b"]))["vector"]
+    finally:
+        conditioner.embedders[2].ucg_rate = 0.0
+    assert dropped[:, 16:24].abs().sum() == 0 and dropped[:, 24:].abs().sum() > 0
+
+
+def test_bad_embedder_entries_are_clear_errors():
+    entry = {"target": "ldm.modules.encoders.sdxl.ConcatTimestepEmbedderND", "params": {"outdim": 4}}
+    with pytest.raises(KeyError, match="needs input_key or input_keys"):
+        GeneralConditioner([entry])
+    with pytest.raises(ValueError, match="legacy_ucg_val is not supported"):
+        GeneralConditioner([{**entry, "input_key": "x", "legacy_ucg_val": 0}])
+
+
+def test_sdxl_inversion_config_is_refused_for_now():
+    config = OmegaConf.load(TINY_SDXL)
+    config.model.params.personalization_config = {"target": "ldm.modules.embedding_manager.EmbeddingManager"}
+    with pytest.raises(ValueError, match="SDXL textual inversion is not supported yet"):
+        instantiate_from_config(config.model)
+
+
+@pytest.mark.parametrize("config,ckpt,have,want", [
+    (TINY_SD2, "sdxl-tiny.safetensors", "SDXL", "SD 2.x"),
+    (TINY_SDXL, "sd2-tiny.ckpt", "SD 2.x", "SDXL"),
+])
+def test_file_of_the_other_family_is_one_line_naming_both(config, ckpt, have, want):
+    model = instantiate_from_config(OmegaConf.load(config).model)
+    with pytest.raises(CheckpointError, match=f"it is an {have} .*checkpoint but the config builds an {want} ") as err:
+        model.init_from_ckpt(str(EQUIV2 / ckpt))
+    assert "\n" not in str(err.value) and ckpt in str(err.value)
