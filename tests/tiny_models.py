@@ -11,7 +11,12 @@ from PIL import Image
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIGS = {"ldm": REPO / "tests" / "configs" / "ldm-tiny-finetune.yaml", "sd": REPO / "tests" / "configs" / "sd-tiny-finetune.yaml"}
+TINY_CONFIGS = {
+    "ldm": REPO / "tests" / "configs" / "ldm-tiny-finetune.yaml",
+    "sd": REPO / "tests" / "configs" / "sd-tiny-finetune.yaml",
+    "sd2": REPO / "tests" / "configs" / "sd2-tiny-finetune.yaml",
+    "sdxl": REPO / "tests" / "configs" / "sdxl-tiny-finetune.yaml",
+}
 
 
 def make_tiny_checkpoint(family: str, out: Path, seed: int = 0) -> Path:

@@ -88,7 +88,11 @@ class EmbeddingManager(nn.Module):
 
     @torch.no_grad()
     def initial_vectors(self, word: str, k: int) -> torch.Tensor:
-        """K rows for ``word``: its token embedding (CLIP: plus the position-0 embedding, as the original).
+        """K rows for ``word``: its token embedding (SD v1's CLIP: plus the position-0 embedding, as the original).
+
+        The original added position 0 because it embedded the word with CLIP's embeddings module; it never ran on
+        OpenCLIP or SDXL. There (embedders with ``init_adds_position = False``) a user expects the init vector to be
+        the init word's token embedding itself, as diffusers and kohya start it, so nothing is added.
 
         Several tokens: their mean when K = 1, else the tokens spread in order over the K rows.
         """
@@ -96,7 +100,7 @@ class EmbeddingManager(nn.Module):
         ids = self.vocabulary.init_word_ids(word)
         table = embedder.token_embedding.weight.detach().float().cpu()
         vectors = table[torch.tensor(ids)]
-        if self.is_clip:
+        if self.is_clip and getattr(embedder, "init_adds_position", True):
             vectors = vectors + embedder.position_embedding.weight[0].detach().float().cpu()
         if len(ids) == 1:
             return vectors.repeat(k, 1)

@@ -181,6 +181,7 @@ class FrozenOpenCLIPEmbedder(_TextEmbedder):
 
     LAYERS = ("last", "penultimate")
     is_clip = True  # CLIP BPE tokens, position embeddings added after the token embeddings
+    init_adds_position = False  # a learned word starts at its init word's token embedding (see EmbeddingManager)
 
     def __init__(
         self,

@@ -39,6 +39,7 @@ class FrozenCLIPEmbedder(_SDv1CLIPEmbedder):
     (``hidden_states[layer_idx]``: SDXL uses 11 of the 12 layers' outputs, no final LayerNorm)."""
 
     LAYERS = ("last", "pooled", "hidden")
+    init_adds_position = False  # SDXL: a learned word starts at its init word's token embedding (see EmbeddingManager)
 
     def __init__(
         self,
