@@ -202,8 +202,12 @@ def check_placeholder_words(config: Any) -> None:
 
     encoder = OmegaConf.select(config, "model.params.cond_stage_config")
     pers = OmegaConf.select(config, "model.params.personalization_config.params")
-    if isinstance(encoder, DictConfig) and isinstance(pers, DictConfig):
-        check_personalization(encoder, pers)
+    # SDXL: the text encoders among the conditioner's embedders
+    embedders = OmegaConf.select(config, "model.params.conditioner_config.params.emb_models") or []
+    encoders = [encoder] + [e for e in embedders if isinstance(e, DictConfig) and e.get("input_key") == "txt"]
+    for each in encoders:
+        if isinstance(each, DictConfig) and isinstance(pers, DictConfig):
+            check_personalization(each, pers)
 
 
 def silence_expected_warnings() -> None:

@@ -395,3 +395,18 @@ def test_save_image_grid_png_and_signed_range(tmp_path: Path) -> None:
     assert (pixels[2, 2] == 0).all() and (pixels[2, 8] == 255).all() and (pixels[0, 0] == 0).all()
     jpeg = save_image_grid(torch.rand(3, 3, 8, 8), tmp_path / "grid.jpg", nrow=3)
     assert Image.open(jpeg).format == "JPEG"
+
+
+def test_size_conditioning_gives_original_size_crop_corner_and_target(tmp_path: Path) -> None:
+    """SDXL's size conditioning: the file's (H, W), the centre crop's corner at the training resolution (mirrored
+    with the flip), the training size; nothing extra without the option."""
+    solid(tmp_path / "wide.png", size=(40, 20))  # width 40, height 20: the crop is 20 x 20 at left 10
+    wide = PersonalizedBase(tmp_path, size=10, center_crop=True, size_conditioning=True)
+    plain = wide.size_conditioning_of(0, flip=False)
+    assert plain["original_size_as_tuple"].tolist() == [20, 40] and plain["target_size_as_tuple"].tolist() == [10, 10]
+    assert plain["crop_coords_top_left"].tolist() == [0, 5]  # 10 px of 20 scaled to the 10-px training size
+    assert wide.size_conditioning_of(0, flip=True)["crop_coords_top_left"].tolist() == [0, 20 - 5 - 10]
+    squashed = PersonalizedBase(tmp_path, size=10, size_conditioning=True)
+    assert squashed.size_conditioning_of(0, flip=False)["crop_coords_top_left"].tolist() == [0, 0]
+    assert set(squashed[0]) == {"caption", "image", "index", "flip", "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"}
+    assert "original_size_as_tuple" not in PersonalizedBase(tmp_path, size=10)[0]

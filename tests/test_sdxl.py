@@ -74,10 +74,15 @@ def test_bad_embedder_entries_are_clear_errors():
         GeneralConditioner([{**entry, "input_key": "x", "legacy_ucg_val": 0}])
 
 
-def test_sdxl_inversion_config_is_refused_for_now():
+def test_sdxl_personalization_builds_one_manager_per_text_encoder():
     config = OmegaConf.load(TINY_SDXL)
-    config.model.params.personalization_config = {"target": "ldm.modules.embedding_manager.EmbeddingManager"}
-    with pytest.raises(ValueError, match="SDXL textual inversion is not supported yet"):
+    config.model.params.personalization_config = {"target": "ldm.modules.embedding_manager.EmbeddingManager",
+                                                  "params": {"placeholder_strings": ["*"], "initializer_words": ["dog"]}}
+    model = instantiate_from_config(config.model)
+    assert set(model.embedding_manager.halves) == {"clip_l", "clip_g"}
+    assert set(model.embedding_manager.by_embedder()) == {0, 1}
+    config.model.params.personalization_config.target = "some.other.Manager"
+    with pytest.raises(ValueError, match="cannot run on SDXL"):
         instantiate_from_config(config.model)
 
 

@@ -228,6 +228,11 @@ class TemplateCaptionDataset(Dataset):
     may replace the first with its own list (``templates``, each with one ``{}`` for the placeholder), e.g. to learn
     a word for a background ("a photo of a shape on a {} background") rather than an object, and may use
     ``[filewords]`` for each image's own caption file ("a photo of a [filewords] on a {} background").
+
+    ``size_conditioning`` (SDXL) adds each item's ``original_size_as_tuple`` (the file's height and width),
+    ``crop_coords_top_left`` (the centre crop's top-left corner in pixels of the training resolution, mirrored with
+    the flip as kohya's sd-scripts do: left becomes width - left - crop width; (0, 0) without ``center_crop``) and
+    ``target_size_as_tuple`` (the training size), as int64 ``[2]`` tensors.
     """
 
     templates: Sequence[str]
@@ -247,6 +252,7 @@ class TemplateCaptionDataset(Dataset):
         mixing_prob: float = 0.25,
         coarse_class_text: str | None = None,
         templates: Sequence[str] | None = None,
+        size_conditioning: bool = False,
     ) -> None:
         if templates is not None:
             bad = [t for t in templates if t.count("{}") != 1]
@@ -262,10 +268,13 @@ class TemplateCaptionDataset(Dataset):
         self.center_crop = center_crop
         self.mixing_prob = mixing_prob
         self.coarse_class_text = coarse_class_text
+        self.size_conditioning = size_conditioning
         self.image_paths: list[Path] = []
         self._pixels: list[np.ndarray] = []
+        self._geometry: list[tuple[int, int]] = []  # each file's (height, width)
         for path, image in iter_readable_images(self.data_root):
             self.image_paths.append(path)
+            self._geometry.append((image.height, image.width))
             self._pixels.append(self._prepare(image))
         self.num_images = len(self.image_paths)
         uses_filewords = any(FILEWORDS in t for t in self.templates)
@@ -323,7 +332,27 @@ class TemplateCaptionDataset(Dataset):
         index = i % self.num_images
         caption = self.sample_caption(index)
         flip = bool(torch.rand(1).item() < self.flip_p)
-        return {"caption": caption, "image": self.get_image(index, flip), "index": index, "flip": flip}
+        item = {"caption": caption, "image": self.get_image(index, flip), "index": index, "flip": flip}
+        if self.size_conditioning:
+            item.update(self.size_conditioning_of(index, flip))
+        return item
+
+    def size_conditioning_of(self, index: int, flip: bool) -> dict[str, torch.Tensor]:
+        """SDXL's size conditioning of image ``index`` (see the class docstring)."""
+        height, width = self._geometry[index]
+        out_h, out_w = self._pixels[index].shape[:2]
+        top = left = 0
+        if self.center_crop:
+            side = min(height, width)
+            scale = out_h / side
+            top, left = round((height - side) // 2 * scale), round((width - side) // 2 * scale)
+            if flip:
+                left = round(width * scale) - left - out_w
+        return {
+            "original_size_as_tuple": torch.tensor([height, width]),
+            "crop_coords_top_left": torch.tensor([top, left]),
+            "target_size_as_tuple": torch.tensor([out_h, out_w]),
+        }
 
 
 class PersonalizedBase(TemplateCaptionDataset):

@@ -73,6 +73,7 @@ class PersonalizedBase(TemplateCaptionDataset):
         placeholder_token: str = "*",
         per_image_tokens: bool = False,
         center_crop: bool = False,
+        size_conditioning: bool = False,
     ) -> None:
         super().__init__(
             data_root,
@@ -85,4 +86,5 @@ class PersonalizedBase(TemplateCaptionDataset):
             per_image_tokens=per_image_tokens,
             center_crop=center_crop,
             mixing_prob=0.25,
+            size_conditioning=size_conditioning,
         )

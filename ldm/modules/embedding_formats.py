@@ -8,10 +8,16 @@ needs, so no code in a file ever runs; or through safetensors):
 * ``a1111``: the same two keys with ``name``/``step``/``sd_checkpoint``/``sd_checkpoint_name`` (AUTOMATIC1111);
 * ``diffusers``: ``{token: [K, D]}`` (``learned_embeds.safetensors``/``.bin``; the legacy 1-D ``[D]`` form too);
 * ``kohya``: ``{"emb_params": [K, D]}`` (``.pt`` or ``.safetensors``);
-* ``.safetensors`` of each: the two-key layouts flattened as ``string_to_param.<p>`` / ``string_to_token.<p>``.
+* ``.safetensors`` of each: the two-key layouts flattened as ``string_to_param.<p>`` / ``string_to_token.<p>``;
+* SDXL (one vector set per text encoder: CLIP-L and OpenCLIP-bigG): ``{"clip_l": [K, 768], "clip_g": [K, 1280]}``
+  (``sdxl``: the file AUTOMATIC1111, ComfyUI and kohya's sd-scripts share, ``.safetensors`` or ``.pt``); diffusers'
+  two files ``learned_embeds.safetensors`` (CLIP-L) + ``learned_embeds_2.safetensors`` (OpenCLIP-bigG), given as
+  either file or their folder; and this project's original-style ``.pt``: ``{"string_to_token": {p: id},
+  "string_to_param": {"clip_l": {p: [K, 768]}, "clip_g": {p: [K, 1280]}}}``.
 
-Everything comes back as a :class:`LoadedEmbeddings`. Written: the original ``.pt`` (default), the A1111 ``.pt`` and
-the diffusers ``.safetensors`` (``.bin`` on request), always atomically. Our diffusers files carry the placeholder
+Everything comes back as a :class:`LoadedEmbeddings` (SDXL files with both halves). Written: the original ``.pt``
+(default), the A1111 ``.pt`` and the diffusers ``.safetensors`` (``.bin`` on request); SDXL words as the ``sdxl``
+safetensors, the original-style ``.pt`` or diffusers' two files; always atomically. Our diffusers files carry the placeholder
 and its token id in the safetensors metadata (``ti.placeholder``/``ti.token_id``; diffusers ignores them), so a
 round trip original -> A1111 -> diffusers -> original gives back the same placeholders, ids and bit-identical vectors.
 A file that is none of these raises :class:`EmbeddingFileError` with one line naming the file.
@@ -39,15 +45,17 @@ from ldm.provenance import metadata_to_record, record_to_metadata
 
 logger = logging.getLogger(__name__)
 
-ORIGINAL, A1111, DIFFUSERS, KOHYA = "original", "a1111", "diffusers", "kohya"
-WRITABLE_FORMATS = (ORIGINAL, A1111, DIFFUSERS)
+ORIGINAL, A1111, DIFFUSERS, KOHYA, SDXL = "original", "a1111", "diffusers", "kohya", "sdxl"
+WRITABLE_FORMATS = (ORIGINAL, A1111, DIFFUSERS, SDXL)
+SDXL_HALVES = ("clip_l", "clip_g")  # CLIP ViT-L/14 (conditioner.embedders.0), OpenCLIP ViT-bigG/14 (embedders.1)
+DIFFUSERS_FIRST, DIFFUSERS_SECOND = "learned_embeds", "learned_embeds_2"
 KOHYA_PLACEHOLDER = "*"
 
 FAMILIES = {
     64: "the shipped shapes model (models/shapes: BERT-style encoder, width 64)",
     768: "SD v1 (CLIP ViT-L/14, width 768)",
     1024: "SD v2 (OpenCLIP ViT-H/14, width 1024)",
-    1280: "LDM-1.4B (BERT-style encoder, width 1280)",
+    1280: "LDM-1.4B (BERT-style encoder, width 1280) or one half of SDXL (OpenCLIP ViT-bigG/14)",
 }
 _SAFE_GLOBALS = [nn.ParameterDict, nn.Parameter, OrderedDict, set]
 _XTI_KEYS = {"IN01", "MID", "OUT11"}
@@ -76,14 +84,37 @@ class LoadedEmbeddings:
     vectors: dict[str, torch.Tensor]
     token_ids: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    clip_g: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: the OpenCLIP-bigG half (vectors: CLIP-L)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return bool(self.clip_g)
 
     @property
     def width(self) -> int:
+        """The vectors' width (SDXL: the CLIP-L half's; see :attr:`widths`)."""
         return int(next(iter(self.vectors.values())).shape[-1])
 
     @property
+    def widths(self) -> tuple[int, ...]:
+        """``(width,)``, or SDXL's ``(clip_l width, clip_g width)``."""
+        if not self.is_sdxl:
+            return (self.width,)
+        return self.width, int(next(iter(self.clip_g.values())).shape[-1])
+
+    @property
     def family(self) -> str:
+        if self.is_sdxl:
+            return sdxl_family(self.widths)
         return family_for_width(self.width)
+
+    def halves(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"clip_l": ..., "clip_g": ...}`` of an SDXL file."""
+        return dict(zip(SDXL_HALVES, (self.vectors, self.clip_g)))
+
+    def half(self, name: str) -> LoadedEmbeddings:
+        """One half of an SDXL file as a one-encoder :class:`LoadedEmbeddings` (same placeholders and token ids)."""
+        return LoadedEmbeddings(self.path, self.format, dict(self.halves()[name]), dict(self.token_ids), dict(self.metadata))
 
     def only(self, placeholder: str | None = None) -> tuple[str, torch.Tensor]:
         """The one placeholder a single-placeholder format can hold (``placeholder`` picks one of several)."""
@@ -99,12 +130,30 @@ class LoadedEmbeddings:
         return placeholder, self.vectors[placeholder]
 
 
+def sdxl_family(widths: tuple[int, ...]) -> str:
+    return f"SDXL (clip_l width {widths[0]} + clip_g width {widths[1]})"
+
+
 def check_width(loaded: LoadedEmbeddings, model_width: int, model_name: str = "this model") -> None:
     """A one-line :class:`EmbeddingFileError` naming both families when the file does not fit ``model_width``."""
-    if loaded.width != int(model_width):
+    if loaded.is_sdxl or loaded.width != int(model_width):
         raise EmbeddingFileError(
             f"embedding file '{loaded.path}' holds {loaded.family} vectors, but {model_name}'s text encoder is "
             f"{family_for_width(model_width)}; use an embedding trained for this model family"
+        )
+
+
+def check_sdxl_widths(loaded: LoadedEmbeddings, widths: tuple[int, int], model_name: str = "this model") -> None:
+    """An SDXL model needs both halves, each of its encoder's width: else one line naming both families."""
+    if not loaded.is_sdxl:
+        raise EmbeddingFileError(
+            f"embedding file '{loaded.path}' holds one set of {loaded.family} vectors, but {model_name} is "
+            f"{sdxl_family(widths)} and needs both halves (clip_l and clip_g); use an embedding trained for SDXL"
+        )
+    if loaded.widths != tuple(widths):
+        raise EmbeddingFileError(
+            f"embedding file '{loaded.path}' holds {loaded.family} vectors, but {model_name} is {sdxl_family(widths)}; "
+            "use an embedding trained for this model"
         )
 
 
@@ -112,17 +161,78 @@ def check_width(loaded: LoadedEmbeddings, model_width: int, model_name: str = "t
 def read_embeddings(path: str | os.PathLike) -> LoadedEmbeddings:
     """Read any supported embedding file (see the module docstring) without executing pickled code."""
     p = Path(path)
+    pair = diffusers_pair(p)
+    if pair is not None:
+        return _read_diffusers_pair(p, *pair)
     if not p.is_file():
         what = "is a folder, not a file" if p.is_dir() else "does not exist"
         raise EmbeddingFileError(f"embedding file '{p}' {what}; pass an embedding file (.pt, .bin or .safetensors)")
-    if _looks_like_safetensors(p):
-        loaded = _read_safetensors(p)
-    else:
-        loaded = _from_pickled(p, _torch_load(p))
-    widths = {int(v.shape[-1]) for v in loaded.vectors.values()}
-    if len(widths) != 1:
-        raise EmbeddingFileError(f"'{p}' mixes vector widths {sorted(widths)}; the file is damaged")
+    loaded = _read_one(p)
+    for half in (loaded.vectors, loaded.clip_g) if loaded.is_sdxl else (loaded.vectors,):
+        widths = {int(v.shape[-1]) for v in half.values()}
+        if len(widths) != 1:
+            raise EmbeddingFileError(f"'{p}' mixes vector widths {sorted(widths)}; the file is damaged")
+    if loaded.is_sdxl:
+        _check_halves_agree(p, loaded.vectors, loaded.clip_g)
     return loaded
+
+
+def _read_one(p: Path) -> LoadedEmbeddings:
+    if _looks_like_safetensors(p):
+        return _read_safetensors(p)
+    return _from_pickled(p, _torch_load(p))
+
+
+def diffusers_pair(path: Path) -> tuple[Path, Path] | None:
+    """diffusers' SDXL output as ``(learned_embeds*, learned_embeds_2*)`` when ``path`` is either file (its partner
+    beside it) or a folder holding both; else None."""
+    if path.is_dir():
+        for suffix in (".safetensors", ".bin"):
+            first, second = path / f"{DIFFUSERS_FIRST}{suffix}", path / f"{DIFFUSERS_SECOND}{suffix}"
+            if first.is_file() and second.is_file():
+                return first, second
+        return None
+    if not path.is_file() or DIFFUSERS_FIRST not in path.name:
+        return None
+    if DIFFUSERS_SECOND in path.name:
+        first, second = path.with_name(path.name.replace(DIFFUSERS_SECOND, DIFFUSERS_FIRST, 1)), path
+    else:
+        first, second = path, second_file(path)
+    return (first, second) if first.is_file() and second.is_file() and first != second else None
+
+
+def second_file(path: str | os.PathLike) -> Path:
+    """Where diffusers keeps the OpenCLIP-bigG half beside ``path``: ``learned_embeds`` -> ``learned_embeds_2``
+    (any other name gets ``_2`` before its suffix)."""
+    p = Path(path)
+    if DIFFUSERS_FIRST in p.name:
+        return p.with_name(p.name.replace(DIFFUSERS_FIRST, DIFFUSERS_SECOND, 1))
+    return p.with_name(f"{p.stem}_2{p.suffix}")
+
+
+def _read_diffusers_pair(given: Path, first: Path, second: Path) -> LoadedEmbeddings:
+    loaded_l, loaded_g = _read_one(first), _read_one(second)
+    if loaded_l.is_sdxl or loaded_g.is_sdxl or loaded_l.format != DIFFUSERS or loaded_g.format != DIFFUSERS:
+        raise EmbeddingFileError(f"'{given}': '{first.name}' and '{second.name}' are not diffusers' two SDXL files ({{token: tensor}} each)")
+    if set(loaded_l.vectors) != set(loaded_g.vectors):
+        raise EmbeddingFileError(
+            f"'{given}': '{first.name}' holds tokens {sorted(loaded_l.vectors)} but '{second.name}' holds "
+            f"{sorted(loaded_g.vectors)}; the two halves of an SDXL embedding name the same tokens"
+        )
+    _check_halves_agree(given, loaded_l.vectors, loaded_g.vectors)
+    metadata = {**loaded_g.metadata, **loaded_l.metadata, "files": f"{first.name} + {second.name}"}
+    return LoadedEmbeddings(given, DIFFUSERS, loaded_l.vectors, loaded_l.token_ids, metadata, dict(loaded_g.vectors))
+
+
+def _check_halves_agree(p: Path, first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> None:
+    for placeholder, vectors in first.items():
+        other = second.get(placeholder)
+        if other is None or other.shape[0] != vectors.shape[0]:
+            theirs = "none" if other is None else other.shape[0]
+            raise EmbeddingFileError(
+                f"'{p}': placeholder '{placeholder}' has {vectors.shape[0]} clip_l vector(s) but {theirs} clip_g; the "
+                "SDXL file is damaged"
+            )
 
 
 def _looks_like_safetensors(p: Path) -> bool:
@@ -179,8 +289,9 @@ def _two_key(p: Path, params: dict[str, torch.Tensor], tokens: Mapping[str, Any]
 def _tensor_dict(p: Path, obj: Mapping[str, Any], metadata: dict[str, Any]) -> LoadedEmbeddings:
     """Layouts with one tensor per key: kohya ``emb_params`` or diffusers ``{token: [K, D] or [D]}``."""
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if "clip_l" in tensors and "clip_g" in tensors:
-        raise EmbeddingFileError(f"'{p}' is an SDXL embedding (clip_l + clip_g); this project runs LDM-1.4B and SD v1 models")
+    halves = [k for k in SDXL_HALVES if k in tensors]
+    if halves:
+        return _sdxl_tensors(p, tensors, halves, metadata)
     if _XTI_KEYS <= set(tensors):
         raise EmbeddingFileError(f"'{p}' is a kohya XTI (per-UNet-layer) embedding, which LDM/SD v1 prompts cannot use")
     if not tensors or len(tensors) != len(obj) or any(v.dim() not in (1, 2) for v in tensors.values()):
@@ -204,6 +315,35 @@ def _tensor_dict(p: Path, obj: Mapping[str, Any], metadata: dict[str, Any]) -> L
     return LoadedEmbeddings(p, DIFFUSERS, vectors, token_ids, metadata)
 
 
+def _sdxl_tensors(p: Path, tensors: Mapping[str, torch.Tensor], halves: list[str], metadata: dict[str, Any]) -> LoadedEmbeddings:
+    """The shared SDXL layout ``{"clip_l": [K, 768], "clip_g": [K, 1280]}`` (one placeholder; ours names it and its
+    token id in the metadata, others are read as ``*``)."""
+    if len(halves) == 1:
+        (have,) = halves
+        width = int(tensors[have].shape[-1])
+        raise EmbeddingFileError(
+            f"'{p}' holds only the {have} half of an SDXL embedding (width {width}); an SDXL word needs clip_l and "
+            "clip_g (the file is incomplete)"
+        )
+    if set(tensors) != set(SDXL_HALVES) or any(v.dim() not in (1, 2) for v in tensors.values()):
+        raise EmbeddingFileError(f"'{p}' holds clip_l/clip_g and other keys ({', '.join(sorted(tensors))}); not a known SDXL layout")
+    placeholder = str(metadata.pop("ti.placeholder", None) or KOHYA_PLACEHOLDER)
+    token_id = metadata.pop("ti.token_id", None)
+    token_ids = {placeholder: int(token_id)} if token_id is not None and str(token_id).lstrip("-").isdigit() else {}
+    l, g = (tensors[k].reshape(-1, tensors[k].shape[-1]) for k in SDXL_HALVES)
+    return LoadedEmbeddings(p, SDXL, {placeholder: l}, token_ids, metadata, {placeholder: g})
+
+
+def _sdxl_two_key(p: Path, params: Mapping[str, Any], tokens: Mapping[str, Any], extra: dict[str, Any]) -> LoadedEmbeddings:
+    """This project's original-style SDXL ``.pt``: ``string_to_param`` = ``{"clip_l": {p: ..}, "clip_g": {p: ..}}``."""
+    missing = [k for k in SDXL_HALVES if k not in params]
+    if missing:
+        raise EmbeddingFileError(f"'{p}' is an SDXL embedding without its {' and '.join(missing)} half; the file is incomplete")
+    loaded_l = _two_key(p, _plain_params(params["clip_l"]), tokens, extra)
+    loaded_g = _two_key(p, _plain_params(params["clip_g"]), tokens, extra)
+    return LoadedEmbeddings(p, ORIGINAL, loaded_l.vectors, loaded_l.token_ids, extra, loaded_g.vectors)
+
+
 def _from_pickled(p: Path, obj: Any) -> LoadedEmbeddings:
     if isinstance(obj, torch.Tensor) and obj.dim() in (1, 2):
         return LoadedEmbeddings(p, DIFFUSERS, {KOHYA_PLACEHOLDER: obj.reshape(-1, obj.shape[-1])}, {}, {"layout": "bare tensor"})
@@ -214,7 +354,10 @@ def _from_pickled(p: Path, obj: Any) -> LoadedEmbeddings:
     if "string_to_param" in obj:
         extra = {str(k): v for k, v in obj.items() if k not in ("string_to_param", "string_to_token")}
         tokens = obj.get("string_to_token") or {}
-        return _two_key(p, _plain_params(obj["string_to_param"]), dict(tokens), extra)
+        params = obj["string_to_param"]
+        if isinstance(params, Mapping) and any(isinstance(params.get(k), Mapping) for k in SDXL_HALVES):
+            return _sdxl_two_key(p, params, dict(tokens), extra)
+        return _two_key(p, _plain_params(params), dict(tokens), extra)
     return _tensor_dict(p, obj, {})
 
 
@@ -325,6 +468,62 @@ def save_diffusers(
     return atomic_write(p, lambda temp: save_file(tensors, str(temp), metadata=meta))
 
 
+def sdxl_payload(
+    halves: Mapping[str, Mapping[str, torch.Tensor]], token_ids: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The original style for SDXL: ``string_to_token`` as ever, ``string_to_param`` keyed by half (``clip_l``,
+    ``clip_g``), each ``{placeholder: [K, width]}``; plus the plain-valued ``extra`` keys."""
+    payload = original_payload(halves["clip_l"], token_ids, extra)
+    payload["string_to_param"] = {name: {p: _vector(v) for p, v in halves[name].items()} for name in SDXL_HALVES}
+    return payload
+
+
+def save_sdxl_original(
+    path: str | os.PathLike, halves: Mapping[str, Mapping[str, torch.Tensor]], token_ids: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """:func:`sdxl_payload` as a ``.pt``, written atomically."""
+    atomic_torch_save(sdxl_payload(halves, token_ids, extra), path)
+    return Path(path)
+
+
+def save_sdxl(
+    path: str | os.PathLike, placeholder: str, clip_l: torch.Tensor, clip_g: torch.Tensor, *,
+    token_id: int | None = None, metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """The SDXL file people share: ``{"clip_l": [K, 768], "clip_g": [K, 1280]}``. ``.safetensors`` (our placeholder,
+    token id and provenance in its metadata, which other tools ignore), or any other suffix as a ``.pt`` (kohya)."""
+    p = Path(path)
+    tensors = {"clip_l": _vector(clip_l), "clip_g": _vector(clip_g)}
+    if p.suffix.lower() != ".safetensors":
+        atomic_torch_save(tensors, p)
+        return p
+    from safetensors.torch import save_file
+
+    meta = {"ti.placeholder": placeholder}
+    if token_id is not None:
+        meta["ti.token_id"] = str(int(token_id))
+    extra = {k: v for k, v in (metadata or {}).items() if k not in ("layout", "files", "format") and not k.startswith("ti.")}
+    meta.update(record_to_metadata(_pt_extras(extra)))
+    return atomic_write(p, lambda temp: save_file(tensors, str(temp), metadata=meta))
+
+
+def _write_sdxl(loaded: LoadedEmbeddings, path: str | os.PathLike, fmt: str, placeholder: str | None, name: str | None) -> Path:
+    if fmt == ORIGINAL:
+        return save_sdxl_original(path, loaded.halves(), loaded.token_ids, loaded.metadata)
+    chosen, clip_l = loaded.only(placeholder)
+    clip_g = loaded.clip_g[chosen]
+    if fmt in (SDXL, A1111):
+        return save_sdxl(path, chosen, clip_l, clip_g, token_id=loaded.token_ids.get(chosen), metadata=loaded.metadata)
+    if fmt == DIFFUSERS:
+        token = name or str(loaded.metadata.get("name") or chosen)
+        meta = {k: v for k, v in loaded.metadata.items() if k not in ("name", "files")}
+        first = save_diffusers(path, token, clip_l, placeholder=chosen, token_id=loaded.token_ids.get(chosen), metadata=meta)
+        save_diffusers(second_file(path), token, clip_g, placeholder=chosen, token_id=loaded.token_ids.get(chosen), metadata=meta)
+        return first
+    raise ValueError(f"cannot write format '{fmt}'; choose one of {', '.join(WRITABLE_FORMATS)}")
+
+
 def format_for_path(path: str | os.PathLike) -> str:
     """The format a file name asks for: ``.safetensors``/``.bin`` -> diffusers, anything else -> original."""
     return DIFFUSERS if Path(path).suffix.lower() in (".safetensors", ".bin") else ORIGINAL
@@ -340,11 +539,21 @@ def write_embeddings(
 ) -> Path:
     """Write ``loaded`` in ``fmt`` (default: from the suffix). A1111/diffusers hold one placeholder (``placeholder``).
 
+    SDXL words (default by suffix: ``.safetensors`` the shared ``sdxl`` file, ``.bin`` diffusers, else the
+    original-style ``.pt``): ``a1111`` is the ``sdxl`` file (what AUTOMATIC1111 reads), ``diffusers`` writes ``path``
+    (CLIP-L) and its ``learned_embeds_2`` partner (OpenCLIP-bigG, see :func:`second_file`).
+
     ``name`` is the A1111 name (default: the file's name, else the output stem) or the diffusers token, the word its
     users type in prompts (default: the file's A1111 name if it has one, else the placeholder itself, never the
     output file's name). Token ids must be known for the two-key formats (see :func:`fill_token_ids`).
     """
+    if loaded.is_sdxl:
+        suffix = Path(path).suffix.lower()
+        fmt = fmt or (SDXL if suffix == ".safetensors" else DIFFUSERS if suffix == ".bin" else ORIGINAL)
+        return _write_sdxl(loaded, path, fmt, placeholder, name)
     fmt = fmt or format_for_path(path)
+    if fmt == SDXL:
+        raise EmbeddingFileError(f"'{loaded.path}' holds {loaded.family} vectors, not an SDXL word (clip_l + clip_g); choose another format")
     if fmt == ORIGINAL:
         return save_original(path, loaded.vectors, loaded.token_ids, loaded.metadata)
     chosen, vector = loaded.only(placeholder)
@@ -395,4 +604,4 @@ def resolve_token_id(
 def fill_token_ids(loaded: LoadedEmbeddings, vocab: Vocabulary) -> LoadedEmbeddings:
     """``loaded`` with every placeholder's token id resolved under ``vocab`` (see :func:`resolve_token_id`)."""
     ids = {p: resolve_token_id(vocab, p, loaded.token_ids.get(p), loaded.path) for p in loaded.vectors}
-    return LoadedEmbeddings(loaded.path, loaded.format, dict(loaded.vectors), ids, dict(loaded.metadata))
+    return LoadedEmbeddings(loaded.path, loaded.format, dict(loaded.vectors), ids, dict(loaded.metadata), dict(loaded.clip_g))

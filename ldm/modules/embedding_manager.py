@@ -213,7 +213,11 @@ class EmbeddingManager(nn.Module):
         """
         loaded = read_embedding_file(ckpt_path)
         check_width(loaded, self.token_dim)
-        tokens = {p: torch.tensor(resolve_token_id(self.vocabulary, p, loaded.token_ids.get(p), ckpt_path)) for p in loaded.vectors}
+        self.use_embeddings(loaded)
+
+    def use_embeddings(self, loaded: LoadedEmbeddings) -> None:
+        """Replace the placeholders and vectors by ``loaded``'s (already checked to fit this encoder's width)."""
+        tokens = {p: torch.tensor(resolve_token_id(self.vocabulary, p, loaded.token_ids.get(p), loaded.path)) for p in loaded.vectors}
         self.string_to_token_dict = tokens
         self.string_to_param_dict = nn.ParameterDict(
             {s: nn.Parameter(v.reshape(-1, self.token_dim).float()) for s, v in loaded.vectors.items()}

@@ -155,8 +155,11 @@ def vocabulary_of_config(encoder: Mapping[str, Any]) -> tuple[Vocabulary, bool]:
     from ldm.modules.encoders.tokenizers import CLIP_HUB_ID, load_bert_tokenizer, load_clip_tokenizer
 
     params = encoder.get("params") or {}
-    if str(encoder.get("target", "")).endswith("FrozenCLIPEmbedder"):
+    target = str(encoder.get("target", ""))
+    if target.endswith("FrozenCLIPEmbedder"):
         loaded = load_clip_tokenizer(params.get("version") or CLIP_HUB_ID, params.get("tokenizer_path"))
         return Vocabulary.of_tokenizer(loaded), True
+    if "FrozenOpenCLIPEmbedder" in target:  # SD 2.x / SDXL's OpenCLIP: the CLIP BPE vocabulary (``version`` is open_clip's tag)
+        return Vocabulary.of_tokenizer(load_clip_tokenizer(CLIP_HUB_ID, params.get("tokenizer_path"))), True
     size = params.get("vocab_size")
     return Vocabulary.of_tokenizer(load_bert_tokenizer(params.get("tokenizer_path")), size), False

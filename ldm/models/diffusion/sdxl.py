@@ -11,10 +11,19 @@ samplers, losses and schedule of SD v1 apply unchanged. What differs is kept key
   crossattn-adm``);
 * the released files hold no schedule buffers: they are computed from the config (not saved);
 * ``denoiser.sigmas`` = sqrt((1 - abar) / abar) is provided, and accepted from a file that carries it.
+
+Textual inversion (a ``personalization_config``): a placeholder learns a vector set in each text encoder (see
+:class:`~ldm.modules.embedding_manager_sdxl.SDXLEmbeddingManager`). Training batches carry the size conditioning the
+trainers users know feed: each image's original size, the top-left corner of the crop the preprocessing took (in
+pixels of the training resolution; mirrored with the flip) and the target size (datasets with ``size_conditioning:
+true``; else the training size and no crop). The VAE runs in float32 (or bf16), never float16: SDXL's autoencoder
+overflows in float16. An empty prompt is the all-zero text conditioning, as the reference sampling code and diffusers
+use for an empty negative prompt; the size embeddings stay.
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -22,9 +31,15 @@ from torch import nn
 
 from ldm.models.diffusion.ddpm import LatentDiffusion, freeze_module
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
+from ldm.modules.diffusionmodules.util import set_gradient_checkpointing
+from ldm.modules.embedding_manager_sdxl import SDXLEmbeddingManager
+from ldm.provenance import embedding_record
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
+
+SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+MANAGER_TARGETS = ("ldm.modules.embedding_manager.EmbeddingManager", "ldm.modules.embedding_manager_sdxl.SDXLEmbeddingManager")
 
 
 class DiscreteDenoiser(nn.Module):
@@ -70,10 +85,13 @@ class SDXLDiffusion(LatentDiffusion):
         size: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("personalization_config") is not None:
-            raise ValueError("SDXL textual inversion is not supported yet: remove personalization_config from the SDXL config")
+        if kwargs.get("context_reg_weight", 0.0) > 0:
+            raise ValueError("context_reg_weight is not supported on SDXL yet; set it to 0 in the SDXL config")
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", [])
+        # the learned words start from the loaded token tables: personalization comes after the weights
+        personalization_config = kwargs.pop("personalization_config", None)
+        gradient_checkpointing = kwargs.pop("gradient_checkpointing", None)
         super().__init__(
             first_stage_config,
             conditioner_config,
@@ -95,12 +113,38 @@ class SDXLDiffusion(LatentDiffusion):
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
             self.restarted_from_ckpt = True
+        if personalization_config is not None:
+            self.setup_personalization(personalization_config)
+        if gradient_checkpointing is None and self.inverting:
+            gradient_checkpointing = False  # as for SD v1 (see LatentDiffusion)
+        if gradient_checkpointing is not None:
+            set_gradient_checkpointing(self.model, gradient_checkpointing)
 
     def register_schedule(self, *args: Any, **kwargs: Any) -> None:
         """The DDPM buffers, computed from the config and not saved (the released files hold none of them)."""
         super().register_schedule(*args, **kwargs)
         for name in SCHEDULE_BUFFERS:
             self.register_buffer(name, getattr(self, name), persistent=False)
+
+    def setup_personalization(self, personalization_config: Any) -> None:
+        """Freeze the model (unless ``unfreeze_model``) and learn each placeholder in both text encoders."""
+        target = personalization_config.get("target")
+        if target not in MANAGER_TARGETS:
+            raise ValueError(f"personalization_config.target '{target}' cannot run on SDXL; use {MANAGER_TARGETS[1]}")
+        if not self.unfreeze_model:
+            freeze_module(self.conditioner)
+            freeze_module(self.model)
+        params = dict(personalization_config.get("params", None) or {})
+        self.embedding_manager = SDXLEmbeddingManager(self.conditioner, **params)
+        if params.get("embedding_manager_ckpt"):
+            self.embedding_manager.load(params["embedding_manager_ckpt"])
+        for p in self.embedding_manager.embedding_parameters():
+            p.requires_grad = True
+
+    @property
+    def cond_stage_text_encoder(self) -> nn.Module:
+        """The first text encoder (CLIP-L): its tokenizer and length are what prompt checks read."""
+        return self.conditioner.text_embedders()[0][1]
 
     def instantiate_cond_stage(self, config: Any) -> None:
         self.conditioner = instantiate_from_config(config)
@@ -119,12 +163,82 @@ class SDXLDiffusion(LatentDiffusion):
         }
 
     def get_learned_conditioning(self, c: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """``{"crossattn", "vector"}`` for a conditioner batch dict, or for prompts at the default size."""
+        """``{"crossattn", "vector"}`` for a conditioner batch dict, or for prompts at the default size; the learned
+        words substituted in both text encoders; an empty prompt's text parts all zero."""
         if isinstance(c, str):
             c = [c]
         if not isinstance(c, Mapping):
             c = self.size_batch(list(c))
-        return self.conditioner(c)
+        managers = self.embedding_manager.by_embedder() if self.embedding_manager is not None else None
+        out = self.conditioner(c, embedding_managers=managers)
+        empty = torch.tensor([not str(t) for t in c["txt"]], device=out["crossattn"].device)
+        if bool(empty.any()):
+            zeroed = self.conditioner(c, force_zero_embeddings=["txt"])
+            out = {k: torch.where(empty.view(-1, *([1] * (v.dim() - 1))), zeroed[k], v) for k, v in out.items()}
+        return out
+
+    def training_batch(self, batch: Mapping[str, Any], n: int | None = None) -> dict[str, Any]:
+        """The conditioner's batch for training images: their captions and size conditioning (from the dataset when it
+        gives it, else the training size with no crop)."""
+        captions = list(batch[self.cond_stage_key])[:n]
+        given = {k: batch[k][: len(captions)] for k in SIZE_KEYS if k in batch}
+        if len(given) == len(SIZE_KEYS):
+            return {"txt": captions, **{k: torch.as_tensor(v).to(self.device) for k, v in given.items()}}
+        image = batch[self.first_stage_key]
+        return self.size_batch(captions, int(image.shape[1]), int(image.shape[2]))
+
+    def get_input(  # type: ignore[override]
+        self, batch: dict, k: str, return_first_stage_outputs: bool = False, force_c_encode: bool = False,
+        cond_key: str | None = None, return_original_cond: bool = False, bs: int | None = None,
+    ) -> list:
+        """``[z, c]``: the scaled latents and the conditioner's batch (encoded unless the model encodes it itself)."""
+        x = super(LatentDiffusion, self).get_input(batch, k)[:bs].to(self.device)
+        z = self.encode_latents(batch, x)
+        xc = self.training_batch(batch, x.shape[0])
+        c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
+        out = [z, c]
+        if return_first_stage_outputs:
+            out.extend([x, self.decode_first_stage(z)])
+        if return_original_cond:
+            out.append(xc["txt"])
+        return out
+
+    def encode_first_stage(self, x: torch.Tensor) -> Any:
+        with self.vae_precision() as dtype:
+            return self.first_stage_model.encode(x.to(dtype))
+
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False) -> torch.Tensor:
+        with self.vae_precision() as dtype:
+            return self.first_stage_model.decode((1.0 / self.scale_factor * z).to(dtype))
+
+    def vae_precision(self) -> Any:
+        """A context for the VAE: float16 autocast is switched off and float16 weights become float32 (SDXL's VAE
+        overflows in float16); bf16 and float32 are kept. Yields the dtype to feed it."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope() -> Any:
+            if next(self.first_stage_model.parameters()).dtype == torch.float16:
+                self.first_stage_model.float()
+            kind = self.device.type
+            fp16_autocast = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16
+            with torch.autocast(kind, enabled=False) if fp16_autocast else contextlib.nullcontext():
+                yield next(self.first_stage_model.parameters()).dtype
+
+        return scope()
+
+    def save_embeddings(self, ckpt_dir: Path, step: int) -> None:
+        """The original-style files (both halves keyed) and, per placeholder, the shared ``{"clip_l", "clip_g"}``
+        safetensors (``embeddings_gs-<step>.safetensors``; with several placeholders ``..._<i>.safetensors``)."""
+        super().save_embeddings(ckpt_dir, step)
+        if not self.embeddings_are_finite():
+            return
+        record = embedding_record(step=step, **(self.embedding_provenance or {}))
+        placeholders = list(self.embedding_manager.string_to_token_dict)
+        for i, placeholder in enumerate(placeholders):
+            suffix = "" if len(placeholders) == 1 else f"_{i}"
+            for stem in ("embeddings", f"embeddings_gs-{step}"):
+                self.embedding_manager.save_shared(ckpt_dir / f"{stem}{suffix}.safetensors", placeholder, record)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False) -> torch.Tensor:
         """The UNet's prediction; ``cond`` is the conditioner's ``{"crossattn", "vector"}`` (or the wrapper's dict)."""
