@@ -1,4 +1,6 @@
-"""The text-to-image command behind ``scripts/txt2img.py`` (LDM-1.4B) and ``scripts/stable_txt2img.py`` (SD v1).
+"""The text-to-image command behind ``scripts/txt2img.py`` (LDM-1.4B) and ``scripts/stable_txt2img.py`` (SD v1, SD 2.x
+and SDXL: pass their config with ``--config``; v or eps prediction as the config says, SDXL's size conditioning
+(H, W), (0, 0), (H, W), an SDXL embedding file of any layout with ``--embedding_path``).
 
 Both take the original flags; only their defaults differ (:data:`LDM_DEFAULTS`, :data:`SD_DEFAULTS`). Output as the
 original: ``<outdir>/samples/NNNNN.png`` (counter continuing from the files already there) and, per prompt, a grid
@@ -8,7 +10,8 @@ carries its generation record (:mod:`ldm.provenance`).
 Differences from the original, all deliberate: PNG instead of JPEG; ``--from-file`` works (one grid per prompt, each
 prompt sampled ``n_samples`` at a time); rounds are seeded ``seed, seed+1, ...`` with a generator of their own, so any
 picture can be made again from the seed in its metadata (``--fixed_code`` reuses ``seed`` for every round); ``--C``
-and ``--f`` default to the model's latent channels and downsampling; ``--device`` picks CUDA when there is one.
+and ``--f`` default to the model's latent channels and downsampling; ``--H``/``--W`` to the model's own size (SD v1
+and 2.x-base 512, 768-v 768, SDXL 1024, LDM-1.4B 256); ``--device`` picks CUDA when there is one.
 Bad input (missing or wrong-family checkpoint, wrong-width embedding, unwritable ``--outdir``) ends with one line
 and exit status 2.
 """
@@ -32,6 +35,7 @@ from ldm.inference import (
     SD_CONFIG,
     default_device,
     inference_scope,
+    latent_factor,
     latent_shape,
     load_model_from_config,
     prompt_warnings,
@@ -76,8 +80,8 @@ def build_parser(defaults: ScriptDefaults, description: str) -> argparse.Argumen
     p.add_argument("--fixed_code", action="store_true", help="the same start noise (seed) for every round")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0: deterministic)")
     p.add_argument("--n_iter", type=int, default=defaults.n_iter, help="sampling rounds per prompt")
-    p.add_argument("--H", type=int, default=defaults.size, help="image height in pixels")
-    p.add_argument("--W", type=int, default=defaults.size, help="image width in pixels")
+    p.add_argument("--H", type=int, default=None, help=f"image height in pixels (default: the model's size, e.g. {defaults.size})")
+    p.add_argument("--W", type=int, default=None, help=f"image width in pixels (default: the model's size, e.g. {defaults.size})")
     p.add_argument("--C", type=int, default=None, help="latent channels (default: the model's)")
     p.add_argument("--f", type=int, default=None, help="downsampling factor (default: the model's autoencoder)")
     p.add_argument("--n_samples", type=int, default=defaults.n_samples, help="images per round (batch size)")
@@ -96,7 +100,7 @@ def build_parser(defaults: ScriptDefaults, description: str) -> argparse.Argumen
 
 def check_options(opt: argparse.Namespace) -> None:
     for name in ("n_samples", "n_iter", "ddim_steps", "H", "W"):
-        if getattr(opt, name) < 1:
+        if getattr(opt, name) is not None and getattr(opt, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(opt, name)}")
     if opt.plms and opt.ddim_eta != 0.0:
         raise ConfigError("--plms is deterministic: --ddim_eta must be 0")
@@ -148,6 +152,14 @@ def prompt_slug(prompt: str) -> str:
     return slug[:150] or "prompt"
 
 
+def native_size(model: object) -> int:
+    """The picture size a model was trained at: its latent size times the autoencoder's downsampling (SDXL: ``size``)."""
+    size = getattr(model, "size", None)
+    if size:
+        return int(size)
+    return int(model.image_size) * latent_factor(model)
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     """``[3, H, W]`` in [0, 1] -> 8-bit RGB."""
     array = image.mul(255.0).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
@@ -161,6 +173,7 @@ def generate(opt: argparse.Namespace) -> list[Path]:
     outdir, sample_dir = prepare_outdir(opt.outdir)
     device = resolve_device(opt.device)
     model = load_model_from_config(opt.config, opt.ckpt, device, opt.embedding_path, ckpt_flag=opt.ckpt_flag)
+    opt.H, opt.W = opt.H or native_size(model), opt.W or native_size(model)
     latent_shape(model, opt.H, opt.W, opt.C, opt.f)  # a size that does not fit fails here, before any progress bar
     for prompt in prompts:
         for warning in prompt_warnings(model, prompt):

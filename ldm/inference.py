@@ -72,6 +72,9 @@ def load_model_from_config(
         logger.info("checkpoint %s: global step %s", ckpt, checkpoint["global_step"])
     state_dict = require_weights(checkpoint, ckpt, ckpt_flag)
     has_personalization = OmegaConf.select(cfg, "model.params.personalization_config") is not None
+    if embedding_path is not None and not has_personalization and learns_words_without_config(cfg):
+        cfg = OmegaConf.merge(cfg, {"model": {"params": {"personalization_config": EMBEDDING_ONLY_MANAGER}}})
+        has_personalization = True
     if embedding_path is not None and not has_personalization:
         raise ConfigError(f"config '{config_name}' has no personalization_config, so it cannot use --embedding_path; use {LDM_CONFIG} or {SD_CONFIG}")
     model = instantiate_from_config(cfg.model)
@@ -88,6 +91,32 @@ def load_model_from_config(
         else:
             model.embedding_manager.load(embedding_path)
     return model.to(device).eval()
+
+
+# SD 2.x and SDXL inference configs are the original's, without a personalization_config: with --embedding_path a
+# manager is added that the file's placeholders then replace (SDXLDiffusion turns it into one per text encoder).
+EMBEDDING_ONLY_MANAGER = {"target": "ldm.modules.embedding_manager.EmbeddingManager", "params": {"placeholder_strings": ["*"]}}
+
+
+def learns_words_without_config(cfg: DictConfig) -> bool:
+    """Whether ``cfg`` is an SD 2.x (OpenCLIP) or SDXL model, whose embeddings need no personalization_config."""
+    target = str(OmegaConf.select(cfg, "model.target") or "")
+    encoder = str(OmegaConf.select(cfg, "model.params.cond_stage_config.target") or "")
+    return target.endswith("SDXLDiffusion") or "FrozenOpenCLIPEmbedder" in encoder
+
+
+def text_encoder(model: Any) -> Any:
+    """The model's (first) text encoder: ``cond_stage_model``, or SDXL's CLIP-L."""
+    encoder = getattr(model, "cond_stage_model", None)
+    return encoder if encoder is not None else model.cond_stage_text_encoder
+
+
+def prompt_conditioning(model: Any, prompts: list[str], height: int, width: int) -> Any:
+    """The conditioning of ``prompts``; SDXL's with the size conditioning of generation: original = target = (H, W),
+    crop (0, 0)."""
+    if hasattr(model, "size_batch"):
+        return model.get_learned_conditioning(model.size_batch(prompts, height, width))
+    return model.get_learned_conditioning(prompts)
 
 
 def precision_context(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
@@ -114,7 +143,7 @@ def prompt_warnings(model: Any, prompt: str) -> list[str]:
             warnings.append(f"prompt {prompt!r} uses '{word}', which the embedding does not define (it defines {names}); it is read as an ordinary word")
         else:
             warnings.append(f"prompt {prompt!r} uses '{word}' but no embedding is loaded (--embedding_path); it is read as an ordinary word")
-    embedder = model.cond_stage_model
+    embedder = text_encoder(model)
     length, ids = expanded_length(model, prompt)
     if length > embedder.max_length:
         warnings.append(
@@ -127,7 +156,7 @@ def prompt_warnings(model: Any, prompt: str) -> list[str]:
 def expanded_length(model: Any, prompt: str) -> tuple[int, int]:
     """(tokens the encoder would need for ``prompt`` with every placeholder expanded to its K vectors, plain count);
     both include the start and end tokens."""
-    ids = model.cond_stage_model.content_token_ids(prompt)
+    ids = text_encoder(model).content_token_ids(prompt)
     manager = _manager(model)
     extra = 0
     if manager is not None:
@@ -137,12 +166,16 @@ def expanded_length(model: Any, prompt: str) -> tuple[int, int]:
     return len(ids) + extra + 2, len(ids) + 2
 
 
+def latent_factor(model: Any) -> int:
+    """The first stage's downsampling: a space-to-depth first stage states it; an autoencoder halves per level."""
+    stated = getattr(getattr(model, "first_stage_model", None), "factor", None)
+    return int(stated) if stated else 2 ** int(getattr(model, "num_downs", 3))
+
+
 def latent_shape(model: Any, height: int, width: int, channels: int | None = None, factor: int | None = None) -> tuple[int, int, int]:
     """``(C, H/f, W/f)``; ``C`` and ``f`` default to the model's (latent channels, autoencoder downsampling)."""
     channels = channels or int(model.channels)
-    if not factor:  # a space-to-depth first stage states its factor; an autoencoder halves the size per level
-        stated = getattr(getattr(model, "first_stage_model", None), "factor", None)
-        factor = int(stated) if stated else 2 ** int(getattr(model, "num_downs", 3))
+    factor = factor or latent_factor(model)
     if height % factor or width % factor:
         raise ConfigError(f"--H {height} / --W {width} must be multiples of the downsampling factor {factor} (--f)")
     return channels, height // factor, width // factor
@@ -165,7 +198,8 @@ def sample_images(
     f: int | None = None,
     verbose: bool = True,
 ) -> torch.Tensor:
-    """Pictures ``[len(prompts), 3, H, W]`` in [0, 1] (classifier-free guidance with ``""`` when ``scale != 1``)."""
+    """Pictures ``[len(prompts), 3, H, W]`` in [0, 1] (classifier-free guidance with ``""`` when ``scale != 1``; on
+    SDXL ``""`` is the all-zero text conditioning)."""
     from ldm.models.diffusion.ddim import DDIMSampler
     from ldm.models.diffusion.plms import PLMSSampler
 
@@ -174,8 +208,8 @@ def sample_images(
         raise ConfigError(f"unknown sampler '{sampler}'; choose ddim or plms")
     shape = latent_shape(model, H, W, C, f)
     n = len(prompts)
-    uc = model.get_learned_conditioning(n * [""]) if scale != 1.0 else None
-    cond = model.get_learned_conditioning(list(prompts))
+    uc = prompt_conditioning(model, n * [""], H, W) if scale != 1.0 else None
+    cond = prompt_conditioning(model, list(prompts), H, W)
     latents, _ = samplers[sampler](model).sample(
         S=steps, batch_size=n, shape=shape, conditioning=cond, verbose=verbose, eta=eta,
         unconditional_guidance_scale=scale, unconditional_conditioning=uc, x_T=x_T, generator=generator,

@@ -338,3 +338,72 @@ def test_generation_record_png_chunks(tmp_path):
     assert text["prompt"] == "a photo of * א" and text["seed"] == "42" and text["size"] == "512x512"
     assert text["parameters"] == "a photo of * א\nSteps: 50, Sampler: ddim, CFG scale: 7.5, Seed: 42, Batch index: 0, Size: 512x512, Eta: 0.0, Model hash: 0123456789, Model: m.ckpt, Precision: full"
     assert "embedding_hash" not in text
+
+
+@pytest.mark.parametrize("widths,model,needles", [
+    ((768,), 1024, ["SD v1 (CLIP ViT-L/14, width 768)", "SD v2 (OpenCLIP ViT-H/14, width 1024)"]),
+    ((1024,), 768, ["SD v2 (OpenCLIP ViT-H/14, width 1024)", "SD v1 (CLIP ViT-L/14, width 768)"]),
+    ((768, 1280), 768, ["SDXL (clip_l width 768 + clip_g width 1280)", "SD v1 (CLIP ViT-L/14, width 768)"]),
+    ((768, 1280), 1024, ["SDXL (clip_l width 768 + clip_g width 1280)", "width 1024"]),
+])
+def test_an_embedding_of_another_family_names_both_widths(tmp_path, widths, model, needles):
+    from ldm.modules.embedding_formats import check_width, save_sdxl
+
+    if len(widths) == 2:
+        path = save_sdxl(tmp_path / "e.safetensors", "*", torch.zeros(2, widths[0]), torch.zeros(2, widths[1]))
+    else:
+        path = save_original(tmp_path / "e.pt", {"*": torch.zeros(2, widths[0])}, {"*": 265})
+    with pytest.raises(EmbeddingFileError) as err:
+        check_width(read_embeddings(path), model)
+    assert all(n in str(err.value) for n in needles) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("widths,needles", [
+    ((1024,), ["SD v2 (OpenCLIP ViT-H/14, width 1024)", "SDXL (clip_l width 768 + clip_g width 1280)", "both halves"]),
+    ((768,), ["SD v1 (CLIP ViT-L/14, width 768)", "SDXL (clip_l width 768 + clip_g width 1280)"]),
+    ((768, 1024), ["SDXL (clip_l width 768 + clip_g width 1024)", "SDXL (clip_l width 768 + clip_g width 1280)"]),
+])
+def test_an_sdxl_model_names_both_widths(tmp_path, widths, needles):
+    from ldm.modules.embedding_formats import check_sdxl_widths, save_sdxl
+
+    if len(widths) == 2:
+        path = save_sdxl(tmp_path / "e.safetensors", "*", torch.zeros(1, widths[0]), torch.zeros(1, widths[1]))
+    else:
+        path = save_original(tmp_path / "e.pt", {"*": torch.zeros(1, widths[0])}, {"*": 265})
+    with pytest.raises(EmbeddingFileError) as err:
+        check_sdxl_widths(read_embeddings(path), (768, 1280))
+    assert all(n in str(err.value) for n in needles) and "\n" not in str(err.value)
+
+
+def test_sdxl_layouts_read_alike(tmp_path):
+    """The shared safetensors, kohya's .pt, our original-style .pt and diffusers' two files give the same word."""
+    from safetensors.torch import save_file
+
+    from ldm.modules.embedding_formats import save_sdxl, save_sdxl_original, write_embeddings
+
+    l, g = torch.randn(2, 768), torch.randn(2, 1280)
+    save_file({"clip_l": l, "clip_g": g}, str(tmp_path / "a1111.safetensors"))  # A1111 / ComfyUI / kohya .safetensors
+    torch.save({"clip_l": l, "clip_g": g}, tmp_path / "kohya.pt")
+    ours = save_sdxl(tmp_path / "ours.safetensors", "<cat>", l, g, token_id=49408 - 1)
+    original = save_sdxl_original(tmp_path / "orig.pt", {"clip_l": {"*": l}, "clip_g": {"*": g}}, {"*": 265})
+    (tmp_path / "diffusers").mkdir()
+    save_file({"<cat>": l}, str(tmp_path / "diffusers" / "learned_embeds.safetensors"))
+    save_file({"<cat>": g}, str(tmp_path / "diffusers" / "learned_embeds_2.safetensors"))
+    read = {name: read_embeddings(path) for name, path in [
+        ("a1111", tmp_path / "a1111.safetensors"), ("kohya", tmp_path / "kohya.pt"), ("ours", ours), ("original", original),
+        ("folder", tmp_path / "diffusers"), ("first", tmp_path / "diffusers" / "learned_embeds.safetensors"),
+        ("second", tmp_path / "diffusers" / "learned_embeds_2.safetensors")]}
+    for name, loaded in read.items():
+        assert loaded.is_sdxl and loaded.widths == (768, 1280), name
+        (placeholder,) = loaded.vectors
+        assert torch.equal(loaded.vectors[placeholder], l) and torch.equal(loaded.clip_g[placeholder], g), name
+    assert list(read["ours"].vectors) == ["<cat>"] and read["ours"].token_ids == {"<cat>": 49407}
+    assert read["original"].token_ids == {"*": 265} and list(read["a1111"].vectors) == ["*"]
+    # convert round trips: original -> shared -> diffusers pair -> original, bit-identical
+    shared = write_embeddings(read["original"], tmp_path / "r1.safetensors")
+    (tmp_path / "r2").mkdir()
+    pair = write_embeddings(read_embeddings(shared), tmp_path / "r2" / "learned_embeds.safetensors", "diffusers")
+    assert (tmp_path / "r2" / "learned_embeds_2.safetensors").is_file()
+    back = read_embeddings(write_embeddings(read_embeddings(pair), tmp_path / "r3.pt"))
+    assert back.is_sdxl and back.token_ids == {"*": 265}
+    assert torch.equal(back.vectors["*"], l) and torch.equal(back.clip_g["*"], g)

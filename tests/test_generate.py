@@ -121,9 +121,9 @@ def test_autocast_on_cpu_and_plms(ckpts, tmp_path, precision, plms):
 def test_defaults_follow_the_original_scripts():
     sd = build_parser(SD_DEFAULTS, "").parse_args([])
     ldm = build_parser(LDM_DEFAULTS, "").parse_args(["--ckpt", "x.ckpt"])
-    assert (sd.ddim_steps, sd.n_iter, sd.H, sd.n_samples, sd.scale, sd.precision) == (50, 2, 512, 3, 7.5, "autocast")
+    assert (sd.ddim_steps, sd.n_iter, sd.H, sd.n_samples, sd.scale, sd.precision) == (50, 2, None, 3, 7.5, "autocast")
     assert sd.config == "configs/stable-diffusion/v1-inference.yaml" and sd.outdir == "outputs/txt2img-samples"
-    assert (ldm.ddim_steps, ldm.n_iter, ldm.H, ldm.n_samples, ldm.scale, ldm.ckpt) == (200, 1, 256, 4, 5.0, "x.ckpt")
+    assert (ldm.ddim_steps, ldm.n_iter, ldm.H, ldm.n_samples, ldm.scale, ldm.ckpt) == (200, 1, None, 4, 5.0, "x.ckpt")
     assert ldm.config == "configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml"
 
 
