@@ -8,8 +8,12 @@ base name when only one file has it), and ``--auto_rename`` (the first free sing
 ``* @ & # $ % ^ ~ א ב ...``). Without an answer and without a terminal the merge stops with one line saying which flag
 to add.
 
+SD 2.x files (width 1024) merge with ``-sd`` as SD v1 files do; SDXL files (clip_l + clip_g, any layout the readers
+know) too, each placeholder's two halves moving together, into the original-style ``.pt`` with both halves keyed.
+
 Differences from the original, all deliberate: replacements are checked against every placeholder already merged
-(by string and by token id), files of different widths (LDM 1280 vs SD 768) are refused naming both files, and no
+(by string and by token id), files of different families (LDM 1280 vs SD 768, SD v1 vs SD 2.x, SDXL vs either) are
+refused naming both files and both families, and no
 model is built: only the tokenizer (``-sd``: CLIP, else BERT, or ``--config``'s), loaded offline. The output is
 the original two-key format (plus a ``merged_from`` key recording each placeholder's source file, by a path
 relative to where the merge ran or by its name, never an absolute one, and its sha256). Replacements must be one
@@ -28,7 +32,16 @@ import torch
 
 from ldm.config import load_configs
 from ldm.errors import ConfigError, run_cli
-from ldm.modules.embedding_formats import EmbeddingFileError, family_for_width, read_embeddings, resolve_token_id, save_original
+from ldm.modules.embedding_formats import (
+    EmbeddingFileError,
+    LoadedEmbeddings,
+    diffusers_pair,
+    family_for_width,
+    read_embeddings,
+    resolve_token_id,
+    save_original,
+    save_sdxl_original,
+)
 from ldm.modules.placeholders import SUGGESTED_PLACEHOLDERS, PlaceholderError, Vocabulary, per_img_token_list, vocabulary_of_config
 from ldm.provenance import file_sha256
 
@@ -101,31 +114,40 @@ class Merger:
         self.ask = ask
         self.sd = sd
         self.vectors: dict[str, torch.Tensor] = {}
+        self.vectors_g: dict[str, torch.Tensor] = {}  # SDXL files: the clip_g half (vectors holds clip_l)
         self.token_ids: dict[str, int] = {}
         self.sources: dict[str, dict[str, str]] = {}  # the record written to the file: file names, not paths
         self.given: dict[str, str] = {}  # each placeholder's file as given on the command line (for the screen)
-        self.first: tuple[str, int] | None = None
+        self.first: tuple[str, LoadedEmbeddings] | None = None
 
-    def check_width(self, path: str, width: int) -> None:
+    @property
+    def is_sdxl(self) -> bool:
+        return self.first is not None and self.first[1].is_sdxl
+
+    def check_family(self, path: str, loaded: LoadedEmbeddings) -> None:
+        """The first file sets the family (its widths, one encoder or SDXL's two); every later file must match."""
         if self.first is None:
-            if self.sd and width == LDM_WIDTH:
-                raise EmbeddingFileError(f"'{path}' holds {family_for_width(width)} vectors; merge them without -sd")
-            if not self.sd and width == SD_WIDTH:
-                raise EmbeddingFileError(f"'{path}' holds {family_for_width(width)} vectors; merge them with -sd")
-            self.first = (path, width)
-        elif width != self.first[1]:
+            if self.sd and loaded.width == LDM_WIDTH and not loaded.is_sdxl:
+                raise EmbeddingFileError(f"'{path}' holds {family_for_width(loaded.width)} vectors; merge them without -sd")
+            if not self.sd and (loaded.width == SD_WIDTH or loaded.is_sdxl):
+                raise EmbeddingFileError(f"'{path}' holds {loaded.family} vectors; merge them with -sd")
+            self.first = (path, loaded)
+        elif (loaded.is_sdxl, loaded.widths) != (self.first[1].is_sdxl, self.first[1].widths):
             raise EmbeddingFileError(
-                f"cannot merge '{path}' ({family_for_width(width)}) with '{self.first[0]}' ({family_for_width(self.first[1])}): "
+                f"cannot merge '{path}' ({loaded.family}) with '{self.first[0]}' ({self.first[1].family}): "
                 "all files must come from one model family"
             )
 
     def add_file(self, path: str) -> None:
         loaded = read_embeddings(path)
-        self.check_width(path, loaded.width)
-        digest = file_sha256(path)
+        self.check_family(path, loaded)
+        pair = diffusers_pair(Path(path))  # diffusers' SDXL output: both files' digests
+        digest = " + ".join(file_sha256(f) for f in pair) if pair else file_sha256(path)
         for placeholder, vector in loaded.vectors.items():
             name, token_id = self.place(path, placeholder, loaded.token_ids.get(placeholder))
             self.vectors[name] = vector
+            if loaded.is_sdxl:
+                self.vectors_g[name] = loaded.clip_g[placeholder]
             self.token_ids[name] = token_id
             self.sources[name] = {"file": recorded_path(path), "placeholder": placeholder, "sha256": digest}
             self.given[name] = str(path)
@@ -226,7 +248,11 @@ def merge(opt: argparse.Namespace) -> dict[str, str]:
     for rule in merger.pending:
         logger.warning("--rename %s=%s was not needed: no later file clashed on '%s'", rule.old, rule.new, rule.old)
     try:
-        save_original(opt.output_path, merger.vectors, merger.token_ids, {"merged_from": merger.sources})
+        record = {"merged_from": merger.sources}
+        if merger.is_sdxl:
+            save_sdxl_original(opt.output_path, {"clip_l": merger.vectors, "clip_g": merger.vectors_g}, merger.token_ids, record)
+        else:
+            save_original(opt.output_path, merger.vectors, merger.token_ids, record)
     except OSError as err:
         raise ConfigError(f"--output_path: cannot write '{opt.output_path}' ({err.strerror or type(err).__name__})") from err
     final = dict(merger.given)

@@ -407,3 +407,29 @@ def test_sdxl_layouts_read_alike(tmp_path):
     back = read_embeddings(write_embeddings(read_embeddings(pair), tmp_path / "r3.pt"))
     assert back.is_sdxl and back.token_ids == {"*": 265}
     assert torch.equal(back.vectors["*"], l) and torch.equal(back.clip_g["*"], g)
+
+
+def test_tool_inspects_and_converts_sdxl_words(tmp_path, capsys):
+    from ldm.modules.embedding_formats import save_sdxl_original
+
+    tool = load_script("embedding_tool")
+    l, g = torch.randn(2, 768), torch.randn(2, 1280)
+    src = save_sdxl_original(tmp_path / "embeddings.pt", {"clip_l": {"*": l}, "clip_g": {"*": g}}, {"*": STAR_CLIP}, {"step": 9})
+    tool.main(["inspect", str(src)])
+    out = capsys.readouterr().out
+    assert "width: 768 + 1280 (SDXL (clip_l width 768 + clip_g width 1280))" in out
+    assert "'*' clip_l: 2 vector(s) of 768" in out and "'*' clip_g: 2 vector(s) of 1280" in out and "token id 265 ('*')" in out
+    tool.main(["convert", str(src), str(tmp_path / "shared.safetensors")])
+    (tmp_path / "d").mkdir()
+    tool.main(["convert", str(tmp_path / "shared.safetensors"), str(tmp_path / "d" / "learned_embeds.safetensors"), "--to", "diffusers",
+               "--token", "<cat>"])
+    tool.main(["convert", str(tmp_path / "d"), str(tmp_path / "kohya.pt"), "--to", "sdxl"])
+    tool.main(["convert", str(tmp_path / "kohya.pt"), str(tmp_path / "back.pt"), "--rename", "*=@"])
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "shared.safetensors"))) == {"clip_l", "clip_g"}
+    assert set(torch.load(tmp_path / "kohya.pt", weights_only=True)) == {"clip_l", "clip_g"}
+    assert set(load_file(str(tmp_path / "d" / "learned_embeds_2.safetensors"))) == {"<cat>"}
+    back = read_embeddings(tmp_path / "back.pt")
+    assert back.is_sdxl and back.token_ids == {"@": 287}
+    assert torch.equal(back.vectors["@"], l) and torch.equal(back.clip_g["@"], g)

@@ -177,3 +177,39 @@ def test_rename_by_base_name_when_unambiguous(tmp_path, capsys):
     assert {k: int(v) for k, v in torch.load(tmp_path / "m.pt", weights_only=True)["string_to_token"].items()} == {"*": 265, "@": 287}
     code, _, err = run_main(["--manager_ckpts", str(b), str(b2), "--output_path", str(tmp_path / "n.pt"), "-sd", "--rename", "b.pt:*=@"], capsys)
     assert code == 2 and "names 2 of the files" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sdxl_files_merge_with_both_halves_moving_together(tmp_path, capsys):
+    from ldm.modules.embedding_formats import save_sdxl
+
+    l1, g1, l2, g2 = torch.randn(2, 768), torch.randn(2, 1280), torch.randn(1, 768), torch.randn(1, 1280)
+    first = save_sdxl(tmp_path / "cat.safetensors", "*", l1, g1, token_id=265)
+    second = tmp_path / "dog"
+    second.mkdir()  # diffusers' two files, token "*" too: a clash, renamed
+    save_file({"*": l2}, str(second / "learned_embeds.safetensors"))
+    save_file({"*": g2}, str(second / "learned_embeds_2.safetensors"))
+    out = tmp_path / "m.pt"
+    code, _, err = run_main(["--manager_ckpts", str(first), str(second), "--output_path", str(out), "-sd", "--rename", "*=@"], capsys)
+    assert code == 0, err
+    merged = read_embeddings(out)
+    assert merged.is_sdxl and merged.token_ids == {"*": 265, "@": 287}
+    assert torch.equal(merged.vectors["*"], l1) and torch.equal(merged.clip_g["*"], g1)
+    assert torch.equal(merged.vectors["@"], l2) and torch.equal(merged.clip_g["@"], g2)
+
+
+def test_sd2_files_merge_and_families_do_not_mix(tmp_path, capsys):
+    from ldm.modules.embedding_formats import save_sdxl
+
+    sd2_a, sd2_b = star_file(tmp_path / "a.pt", torch.randn(1, 1024)), star_file(tmp_path / "b.pt", torch.randn(2, 1024), "@")
+    code, _, err = run_main(["--manager_ckpts", str(sd2_a), str(sd2_b), "--output_path", str(tmp_path / "m.pt"), "-sd"], capsys)
+    assert code == 0, err
+    assert read_embeddings(tmp_path / "m.pt").widths == (1024,)
+    sd1 = star_file(tmp_path / "sd1.pt", torch.randn(1, 768), "&")
+    sdxl = save_sdxl(tmp_path / "x.safetensors", "&", torch.randn(1, 768), torch.randn(1, 1280))
+    for one, other, needles in [(sd2_a, sd1, ["width 1024", "width 768"]), (sdxl, sd1, ["SDXL", "SD v1"]),
+                                (sd1, sdxl, ["SDXL", "SD v1"]), (sdxl, sd2_a, ["SDXL", "width 1024"])]:
+        code, _, err = run_main(["--manager_ckpts", str(one), str(other), "--output_path", str(tmp_path / "n.pt"), "-sd"], capsys)
+        assert code == 2 and str(one) in err and str(other) in err and all(n in err for n in needles), err
+        assert len(err.strip().splitlines()) == 1
+    code, _, err = run_main(["--manager_ckpts", str(sdxl), "--output_path", str(tmp_path / "n.pt")], capsys)
+    assert code == 2 and "with -sd" in err

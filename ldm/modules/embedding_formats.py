@@ -529,6 +529,13 @@ def format_for_path(path: str | os.PathLike) -> str:
     return DIFFUSERS if Path(path).suffix.lower() in (".safetensors", ".bin") else ORIGINAL
 
 
+def default_format(loaded: LoadedEmbeddings, path: str | os.PathLike) -> str:
+    """The format ``path``'s suffix asks for (:func:`format_for_path`); an SDXL word's ``.safetensors`` is the shared
+    ``sdxl`` file."""
+    fmt = format_for_path(path)
+    return SDXL if loaded.is_sdxl and Path(path).suffix.lower() == ".safetensors" else fmt
+
+
 def write_embeddings(
     loaded: LoadedEmbeddings,
     path: str | os.PathLike,
@@ -547,11 +554,9 @@ def write_embeddings(
     users type in prompts (default: the file's A1111 name if it has one, else the placeholder itself, never the
     output file's name). Token ids must be known for the two-key formats (see :func:`fill_token_ids`).
     """
+    fmt = fmt or default_format(loaded, path)
     if loaded.is_sdxl:
-        suffix = Path(path).suffix.lower()
-        fmt = fmt or (SDXL if suffix == ".safetensors" else DIFFUSERS if suffix == ".bin" else ORIGINAL)
         return _write_sdxl(loaded, path, fmt, placeholder, name)
-    fmt = fmt or format_for_path(path)
     if fmt == SDXL:
         raise EmbeddingFileError(f"'{loaded.path}' holds {loaded.family} vectors, not an SDXL word (clip_l + clip_g); choose another format")
     if fmt == ORIGINAL:
