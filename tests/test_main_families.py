@@ -86,6 +86,7 @@ def test_sdxl_inversion_writes_both_halves_in_both_formats(workspace, main_in_pr
     shared = load_file(str(ckpt / "embeddings_gs-3.safetensors"))
     assert set(shared) == {"clip_l", "clip_g"}
     assert torch.equal(shared["clip_l"], halves["clip_l"]) and torch.equal(shared["clip_g"], halves["clip_g"])
+    assert_diffusers_loads_the_community_file(ckpt / "embeddings_gs-3.safetensors")
     last = torch.load(ckpt / "last.ckpt", weights_only=True)["state_dict"]
     assert set(last) == {f"embedding_manager.halves.{h}.{d}.*" for h in ("clip_l", "clip_g")
                          for d in ("string_to_param_dict", "initial_embeddings")}
@@ -154,3 +155,31 @@ def test_sdxl_empty_prompt_is_the_all_zero_text_conditioning(workspace):
     pooled = 16  # the tiny OpenCLIP's embed_dim: the text part of "vector" comes first
     assert torch.count_nonzero(out["vector"][0, :pooled]) == 0 and torch.equal(out["vector"][0, pooled:], alone["vector"][0, pooled:])
     assert torch.equal(out["crossattn"][1], alone["crossattn"][0])
+
+
+def assert_diffusers_loads_the_community_file(path):
+    """The shared SDXL file through diffusers' two documented ``load_textual_inversion`` calls (``clip_g`` into
+    ``text_encoder_2``, ``clip_l`` into ``text_encoder``) on tiny text encoders: the token rows are our vectors."""
+    import copy
+
+    from diffusers.loaders import TextualInversionLoaderMixin
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldm.modules.encoders.tokenizers import load_clip_tokenizer
+
+    class TinySDXLPipeline(TextualInversionLoaderMixin):
+        hf_device_map = None
+        components: dict = {}
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77)
+    pipe = TinySDXLPipeline()
+    pipe.text_encoder, pipe.text_encoder_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config)
+    pipe.tokenizer, pipe.tokenizer_2 = (copy.deepcopy(load_clip_tokenizer().tokenizer) for _ in range(2))
+    state_dict = load_file(str(path))
+    pipe.load_textual_inversion(state_dict["clip_g"], token="<s0>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    pipe.load_textual_inversion(state_dict["clip_l"], token="<s0>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    for name, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<s0>")]
+        assert torch.equal(row, state_dict[name][0])
