@@ -111,3 +111,14 @@ def test_embedding_of_another_family_is_one_line(ckpts, tmp_path, family, make, 
     with pytest.raises(EmbeddingFileError, match=needle) as err:
         load_model_from_config(CONFIGS[family], ckpts[family], "cpu", emb)
     assert "\n" not in str(err.value) and str(emb) in str(err.value)
+
+
+def test_sdxl_prompt_warnings_read_the_clip_l_tokenizer(ckpts, tmp_path):
+    from ldm.inference import load_model_from_config, prompt_warnings
+
+    path = save_sdxl(tmp_path / "w.safetensors", "*", torch.zeros(3, 32), torch.zeros(3, 32), token_id=STAR)
+    model = load_model_from_config(CONFIGS["sdxl"], ckpts["sdxl"], "cpu", path)
+    (undefined,) = prompt_warnings(model, "a photo of * and @")
+    assert "uses '@', which the embedding does not define (it defines '*')" in undefined
+    (too_long,) = prompt_warnings(model, "a photo of " + "* " * 30)
+    assert "after expanding multi-vector placeholders" in too_long and "reads 77" in too_long

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ldm.errors import ConfigError
 from ldm.models.diffusion.ddpm import LatentDiffusion, freeze_module
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
 from ldm.modules.diffusionmodules.util import set_gradient_checkpointing
@@ -86,7 +87,7 @@ class SDXLDiffusion(LatentDiffusion):
         **kwargs: Any,
     ) -> None:
         if kwargs.get("context_reg_weight", 0.0) > 0:
-            raise ValueError("context_reg_weight is not supported on SDXL yet; set it to 0 in the SDXL config")
+            raise ConfigError("model.params.context_reg_weight is not supported on SDXL yet; set it to 0 in the SDXL config")
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", [])
         # the learned words start from the loaded token tables: personalization comes after the weights
@@ -130,7 +131,7 @@ class SDXLDiffusion(LatentDiffusion):
         """Freeze the model (unless ``unfreeze_model``) and learn each placeholder in both text encoders."""
         target = personalization_config.get("target")
         if target not in MANAGER_TARGETS:
-            raise ValueError(f"personalization_config.target '{target}' cannot run on SDXL; use {MANAGER_TARGETS[1]}")
+            raise ConfigError(f"model.params.personalization_config.target '{target}' cannot run on SDXL; use {MANAGER_TARGETS[1]}")
         if not self.unfreeze_model:
             freeze_module(self.conditioner)
             freeze_module(self.model)
