@@ -51,14 +51,18 @@ def test_sd2_init_vector_is_the_init_words_token_embedding(workspace):
     assert torch.equal(model.get_learned_conditioning(["a * photo"]), model.get_learned_conditioning(["a sculpture photo"]))
 
 
-@pytest.mark.parametrize("family", ["sd2", "sdxl"])
-def test_only_the_placeholder_vectors_change(workspace, family):
+@pytest.mark.parametrize("family,checkpointing", [("sd2", None), ("sdxl", None), ("sdxl", True)])
+def test_only_the_placeholder_vectors_change(workspace, family, checkpointing):
+    """Also with the UNet's gradient checkpointing on (every weight frozen, the vectors still learn)."""
     import pytorch_lightning as pl
 
     from ldm.util import instantiate_from_config
 
     config, model = tiny_model(family, workspace[family], **{
-        f"data.params.{split}.params.data_root": str(workspace["data"]) for split in ("train", "validation")})
+        "model.params.gradient_checkpointing": checkpointing,
+        **{f"data.params.{split}.params.data_root": str(workspace["data"]) for split in ("train", "validation")}})
+    if checkpointing:
+        assert all(m.use_checkpoint for m in model.model.modules() if isinstance(getattr(m, "use_checkpoint", None), bool))
     model.learning_rate = 0.01
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
