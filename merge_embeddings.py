@@ -265,7 +265,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Merge textual-inversion embedding files into one.")
     p.add_argument("--manager_ckpts", type=str, nargs="+", required=True, help="embedding files to merge, in order")
     p.add_argument("--output_path", type=str, required=True, help="the merged file (original .pt format)")
-    p.add_argument("-sd", "--stable_diffusion", action="store_true", help="SD (CLIP tokenizer) embeddings instead of LDM (BERT)")
+    p.add_argument("-sd", "--stable_diffusion", action="store_true", help="SD v1, SD 2.x or SDXL (CLIP tokenizer) embeddings instead of LDM (BERT)")
     p.add_argument("--config", help="the model's config: use its text encoder's tokenizer (e.g. a shapes model's own "
                    "vocabulary) instead of the family default")
     p.add_argument("--rename", action="append", default=[], metavar="[FILE:]OLD=NEW", help="replacement for a clashing placeholder")

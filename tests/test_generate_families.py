@@ -56,11 +56,12 @@ def three_pictures(family, ckpt, emb, tmp_path, *extra):
     return [pixels(p) for p in written]
 
 
-def test_sd2_learned_word_changes_the_picture_and_init_vector_does_not(ckpts, tmp_path):
+@pytest.mark.parametrize("sampler", [[], ["--plms"]])
+def test_sd2_learned_word_changes_the_picture_and_init_vector_does_not(ckpts, tmp_path, sampler):
     (init,) = rows(ckpts["sd2"], "sd2", SCULPTURE)
     torch.manual_seed(0)
     emb = save_original(tmp_path / "e.pt", {"*": init, "@": init + 0.5 * torch.randn_like(init)}, {"*": STAR, "@": AT})
-    star, learned, word = three_pictures("sd2", ckpts["sd2"], emb, tmp_path, "--H", "16", "--W", "16")
+    star, learned, word = three_pictures("sd2", ckpts["sd2"], emb, tmp_path, "--H", "16", "--W", "16", *sampler)
     assert star.shape == (16, 16, 3)
     assert np.array_equal(star, word) and not np.array_equal(learned, star)
 
