@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from paths import REPO
 from ldm.checkpoint import CheckpointError
+from ldm.errors import ConfigError
 from ldm.modules.encoders.sdxl import ConcatTimestepEmbedderND, GeneralConditioner
 from ldm.util import instantiate_from_config
 
@@ -84,6 +85,10 @@ def test_sdxl_personalization_builds_one_manager_per_text_encoder():
     config.model.params.personalization_config.target = "some.other.Manager"
     with pytest.raises(ValueError, match="cannot run on SDXL"):
         instantiate_from_config(config.model)
+    config = OmegaConf.load(TINY_SDXL)
+    for key, value in (("unfreeze_model", True), ("context_reg_weight", 1.0)):
+        with pytest.raises(ConfigError, match=f"{key} is not supported on SDXL"):
+            instantiate_from_config({**config.model, "params": {**config.model.params, key: value}})
 
 
 @pytest.mark.parametrize("config,ckpt,have,want", [

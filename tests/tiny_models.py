@@ -42,3 +42,17 @@ def make_concept_folder(folder: Path, n: int = 3, size: int = 24, seed: int = 0)
         img[a : b + 2, a : b + 2] = (230, 120, 20)
         Image.fromarray(img).save(folder / f"img{i}.png")
     return folder
+
+
+def train_briefly(model, datamodule, steps: int = 3) -> list[str]:
+    """Train ``model`` ``steps`` steps with the real Trainer (CPU, no logger, no validation); the state-dict keys
+    whose values changed."""
+    import pytorch_lightning as pl
+
+    model.learning_rate = 0.01
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(model, datamodule)
+    after = model.state_dict()
+    return [k for k in before if not torch.equal(before[k], after[k])]

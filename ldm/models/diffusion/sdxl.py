@@ -86,6 +86,8 @@ class SDXLDiffusion(LatentDiffusion):
         size: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("unfreeze_model", False):
+            raise ConfigError("model.params.unfreeze_model is not supported on SDXL: only the learned words train; set it to False")
         if kwargs.get("context_reg_weight", 0.0) > 0:
             raise ConfigError("model.params.context_reg_weight is not supported on SDXL yet; set it to 0 in the SDXL config")
         ckpt_path = kwargs.pop("ckpt_path", None)
