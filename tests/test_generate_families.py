@@ -123,3 +123,22 @@ def test_sdxl_prompt_warnings_read_the_clip_l_tokenizer(ckpts, tmp_path):
     assert "uses '@', which the embedding does not define (it defines '*')" in undefined
     (too_long,) = prompt_warnings(model, "a photo of " + "* " * 30)
     assert "after expanding multi-vector placeholders" in too_long and "reads 77" in too_long
+
+
+def test_tool_shows_nearest_words_in_each_sdxl_encoder(ckpts, tmp_path, capsys):
+    """``inspect --config --ckpt`` on SDXL: each half against its own encoder's table (the init rows are nearest to
+    'sculpture' in both); a one-encoder file is one line naming both families."""
+    from test_formats import load_script
+
+    tool = load_script("embedding_tool")
+    init_l, init_g = rows(ckpts["sdxl"], "sdxl", SCULPTURE)
+    path = save_sdxl(tmp_path / "w.safetensors", "*", init_l, init_g, token_id=STAR)
+    tool.main(["inspect", str(path), "--config", str(CONFIGS["sdxl"]), "--ckpt", str(ckpts["sdxl"]), "--top", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    nearest = [line for line in lines if "nearest:" in line]
+    assert len(nearest) == 2 and all("nearest: sculpture (1.000)" in line for line in nearest)
+    other = save_original(tmp_path / "sd.pt", {"*": init_l}, {"*": STAR})
+    with pytest.raises(SystemExit):
+        tool.main(["inspect", str(other), "--config", str(CONFIGS["sdxl"]), "--ckpt", str(ckpts["sdxl"])])
+    err = capsys.readouterr().err
+    assert "needs both halves" in err and len(err.strip().splitlines()) == 1
