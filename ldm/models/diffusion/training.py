@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ldm.checkpoint import atomic_torch_save
+from ldm.models.diffusion.fast_step import HostFlag, compile_training_step, make_adamw
 from ldm.provenance import embedding_record
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -37,8 +38,9 @@ class DDPMTrainingMixin:
     """Upstream LDM training: loss on a batch, logging, EMA update, AdamW over the trainable weights.
 
     A NaN or infinite loss is handled without a host synchronisation per step: the step's gradients are zeroed on the
-    device (so the weights, e.g. the learned embedding, stay finite), a flag remembers it, and the flag is read every
-    ``FINITE_CHECK_EVERY`` steps and at the end of training, which then stops with :class:`NonFiniteLossError`.
+    device (so the weights, e.g. the learned embedding, stay finite), a flag remembers it, and every
+    ``FINITE_CHECK_EVERY`` steps the host looks at the flag as copied at the previous check (a copy it never waits
+    for), and at the end of training at its current value; either then stops with :class:`NonFiniteLossError`.
     """
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -49,7 +51,8 @@ class DDPMTrainingMixin:
         loss, loss_dict = self.shared_step(batch)
         self.track_finite(loss)
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=self.batch_size_of(batch))
-        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        step = torch.full((), float(self.global_step), device=self.device)  # made there: no blocking host-to-device copy
+        self.log("global_step", step, prog_bar=True, logger=True, on_step=True, on_epoch=False)
         return loss
 
     @torch.no_grad()
@@ -73,11 +76,19 @@ class DDPMTrainingMixin:
         seen = self.__dict__.get("_all_finite")
         self.__dict__["_all_finite"] = ok if seen is None else seen & ok
         if self.global_step % FINITE_CHECK_EVERY == 0:
-            self.raise_if_nonfinite()
+            self.raise_if_nonfinite(wait=False)
 
-    def raise_if_nonfinite(self) -> None:
+    def raise_if_nonfinite(self, wait: bool = True) -> None:
+        """Stop on a non-finite loss. ``wait=False`` (during training) looks at the flag as copied at the previous
+        check and starts a new copy, so the host never waits for the device; ``wait=True`` reads it now."""
         seen = self.__dict__.get("_all_finite")
-        if seen is not None and not bool(seen):
+        if seen is None:
+            return
+        flag = self.__dict__.setdefault("_finite_flag", HostFlag())
+        finite = flag.read_now(seen) if wait else flag.read()
+        if not wait:
+            flag.publish(seen)
+        if finite is False:
             raise NonFiniteLossError(
                 f"the loss became NaN or infinite (by step {self.global_step}); lower the learning rate or use "
                 "--precision 32 (the embedding kept is the last finite one)"
@@ -135,7 +146,8 @@ class InversionTrainingMixin:
         if not (self.cache_latents and "index" in batch and "flip" in batch):
             return self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
         cache = self.__dict__.setdefault("_latent_cache", {})
-        keys = [(int(i), bool(f)) for i, f in zip(batch["index"][: x.shape[0]], batch["flip"][: x.shape[0]])]
+        keys = batch.get("cache_keys") or list(zip(batch["index"].tolist(), batch["flip"].tolist()))
+        keys = [(int(i), bool(f)) for i, f in keys[: x.shape[0]]]
         missing = [j for j, k in enumerate(keys) if k not in cache]
         if missing:
             with torch.no_grad():
@@ -147,6 +159,16 @@ class InversionTrainingMixin:
         std = torch.stack([cache[k][1] for k in keys]).to(x.device)
         return self.scale_factor * (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype))
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Note the latent-cache keys on the host before Lightning moves the batch to the device, where reading
+        them would make the host wait for the device every step."""
+        if isinstance(batch, dict) and "index" in batch and "flip" in batch:
+            batch["cache_keys"] = list(zip(torch.as_tensor(batch["index"]).tolist(), torch.as_tensor(batch["flip"]).tolist()))
+        return batch
+
+    def on_fit_start(self) -> None:
+        compile_training_step(self, self.compile_options)
+
     def clear_latent_cache(self) -> None:
         self.__dict__.pop("_latent_cache", None)
 
@@ -155,7 +177,7 @@ class InversionTrainingMixin:
             return super().configure_optimizers()
         embedding_params = list(self.embedding_manager.embedding_parameters())
         if not self.unfreeze_model:
-            return torch.optim.AdamW(embedding_params, lr=self.learning_rate)
+            return make_adamw(embedding_params, lr=self.learning_rate)
         model_params = list(self.cond_stage_model.parameters()) + list(self.model.parameters())
         return torch.optim.AdamW([{"params": embedding_params, "lr": self.learning_rate}, {"params": model_params}], lr=self.model_lr)
 
