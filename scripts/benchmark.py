@@ -299,10 +299,12 @@ def lightning_overhead(steps: Steps, batch: int) -> tuple[float, float]:
 
 
 def timing_jobs(steps: Steps, args: argparse.Namespace, peak: float | None) -> list[tuple[str, Callable[[], Any]]]:
-    """Every timed setting as (label, thunk): the original's form, ours per mode and precision, ours without the cache
-    and with checkpointing, and the peer per mode and precision."""
-    jobs: list[tuple[str, Callable[[], Any]]] = []
-    last = args.precision[-1]
+    """Every timed setting as (label, thunk), the ones that answer most first (a time budget cuts the tail): ours in
+    the first precision asked (bf16 in the GPU check) per mode and the peer eager, for each batch in the order given; then
+    the original's form and ours in the other precisions; then ours without the cache or with checkpointing and the
+    peer in its other modes."""
+    tiers: list[list[tuple[str, Callable[[], Any]]]] = [[], [], []]
+    first = args.precision[0]
 
     def ours(name: str, batch: int, precision: str, mode: str = "eager", **kw: Any) -> tuple[str, Callable[[], Any]]:
         return (f"{name} b{batch} {precision} {mode}", lambda: measure(name, steps.ours(batch, precision, mode, **kw), args, batch, precision, mode,
@@ -315,13 +317,15 @@ def timing_jobs(steps: Steps, args: argparse.Namespace, peak: float | None) -> l
         return (f"peer b{batch} {precision} {mode}", run)
 
     for batch in args.batch:
-        jobs.append(ours("original (fp32, uncached, eager)", batch, "fp32", cache=False, original=True))
-        jobs += [ours("ours", batch, precision, mode) for mode in args.modes for precision in args.precision]
-        jobs.append(ours("ours, no latent cache", batch, last, args.modes[-1], cache=False))
-        jobs.append(ours("ours + checkpointing", batch, last, checkpointing=True))
+        tiers[0] += [ours("ours", batch, first, mode) for mode in args.modes]
+        tiers[1].append(ours("original (fp32, uncached, eager)", batch, "fp32", cache=False, original=True))
+        tiers[1] += [ours("ours", batch, precision, mode) for precision in args.precision[1:] for mode in args.modes]
+        tiers[2].append(ours("ours, no latent cache", batch, first, args.modes[-1], cache=False))
+        tiers[2].append(ours("ours + checkpointing", batch, first, checkpointing=True))
         if not args.no_peer:
-            jobs += [peer(batch, precision, mode) for mode in args.peer_modes for precision in args.precision]
-    return jobs
+            tiers[0] += [peer(batch, precision, args.peer_modes[0]) for precision in args.precision]
+            tiers[2] += [peer(batch, precision, mode) for mode in args.peer_modes[1:] for precision in args.precision]
+    return tiers[0] + tiers[1] + tiers[2]
 
 
 def count_jobs(steps: Steps, args: argparse.Namespace) -> list[tuple[str, Callable[[], Any]]]:
@@ -340,8 +344,10 @@ def count_jobs(steps: Steps, args: argparse.Namespace) -> list[tuple[str, Callab
     return jobs
 
 
-def run_jobs(jobs: list[tuple[str, Callable[[], Any]]], budget_s: float | None) -> tuple[list[Any], list[str]]:
-    """Run the jobs in order (the first always); once ``budget_s`` seconds have passed, the rest are listed as skipped."""
+def run_jobs(jobs: list[tuple[str, Callable[[], Any]]], budget_s: float | None,
+             save: Callable[[list[Any]], None] = lambda done: None) -> tuple[list[Any], list[str]]:
+    """Run the jobs in order (the first always), handing the results so far to ``save`` after each (a crash or a
+    timeout later keeps them); once ``budget_s`` seconds have passed, the rest are listed as skipped."""
     t0, done, skipped = time.perf_counter(), [], []
     for label, job in jobs:
         if budget_s is not None and done and time.perf_counter() - t0 > budget_s:
@@ -351,6 +357,7 @@ def run_jobs(jobs: list[tuple[str, Callable[[], Any]]], budget_s: float | None) 
         result = job()
         if result is not None:
             done.append(result)
+            save(done)
     if skipped:
         logger.warning("time budget of %.0f s spent: skipped %s", budget_s, ", ".join(skipped))
     return done, skipped
@@ -409,13 +416,18 @@ def main() -> None:
         inductor_config.cpp.enable_kernel_profile = True  # CPU kernels show in the profiler as CUDA ones do
     peak = None if args.count_ops else bf16_matmul_tflops(device)
     steps = Steps(args)
-    results, skipped = run_jobs(count_jobs(steps, args) if args.count_ops else timing_jobs(steps, args, peak), args.budget_s)
-    overhead = None if args.no_lightning or args.count_ops or skipped else lightning_overhead(steps, args.batch[0])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
     size = args.size or steps.config.data.params.train.params.get("size", 256)
-    Path(args.out).write_text(json.dumps({"config": args.config, "device": device_name, "size": size, "bf16_matmul_tflops": peak,
-                                          "count_ops": args.count_ops, "results": [asdict(r) for r in results], "skipped": skipped,
-                                          "lightning_vs_bare_s": overhead, "date": time.strftime("%Y-%m-%d")}, indent=1))
+
+    def save(results: list[Any], skipped: list[str] | None = None, overhead: tuple[float, float] | None = None) -> None:
+        Path(args.out).write_text(json.dumps({"config": args.config, "device": device_name, "size": size, "bf16_matmul_tflops": peak,
+                                              "count_ops": args.count_ops, "results": [asdict(r) for r in results], "skipped": skipped,
+                                              "lightning_vs_bare_s": overhead, "finished": skipped is not None,
+                                              "date": time.strftime("%Y-%m-%d")}, indent=1))
+
+    results, skipped = run_jobs(count_jobs(steps, args) if args.count_ops else timing_jobs(steps, args, peak), args.budget_s, save)
+    overhead = None if args.no_lightning or args.count_ops or skipped else lightning_overhead(steps, args.batch[0])
+    save(results, skipped, overhead)
     lines = [f"{args.config} at {size} px on {device_name}" + (f", bf16 matmul {peak:.0f} TFLOP/s" if peak else ""), ""]
     lines += count_table(results) if args.count_ops else timing_table(results)
     if overhead:

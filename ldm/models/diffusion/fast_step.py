@@ -145,7 +145,7 @@ class HostFlag:
 class HostSyncDetector(TorchDispatchMode):
     """Records every dispatched op that makes the host wait for the device, with where it came from.
 
-    Flags the scalar and data-dependent reads of :data:`SYNC_OPS` and copies from a non-CPU device to the CPU. On a
+    Flags the scalar and data-dependent reads of :data:`SYNC_OPS` and blocking copies between host and device. On a
     CPU every tensor is host memory, so every scalar read of a tensor counts: the step must read host values
     (dataloader indices, token ids) as Python numbers, which is also what keeps them off the device's queue on a GPU.
     """
@@ -157,20 +157,24 @@ class HostSyncDetector(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if name in SYNC_OPS or (name in ("_to_copy", "copy_") and _device_to_host(name, args, kwargs)):
-            self.syncs.append((str(func), "".join(traceback.format_stack(limit=8)[:-2])))
+        if name in SYNC_OPS or (name in ("_to_copy", "copy_") and _blocking_transfer(name, args, kwargs)):
+            self.syncs.append((str(func), "".join(traceback.format_stack(limit=24)[:-2])))
         return func(*args, **kwargs)
 
     def report(self) -> str:
         return "\n".join(f"{op} at\n{where}" for op, where in self.syncs)
 
 
-def _device_to_host(name: str, args: tuple, kwargs: dict) -> bool:
+def _blocking_transfer(name: str, args: tuple, kwargs: dict) -> bool:
+    """A copy between the host and a device that the host waits for (``non_blocking=False``)."""
     if name == "copy_":
-        dst, src = args[0], args[1]
-        return src.device.type != "cpu" and dst.device.type == "cpu"
-    target = kwargs.get("device")
-    return args[0].device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
+        src_type, dst_type = args[1].device.type, args[0].device.type
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+    else:
+        target = kwargs.get("device")
+        src_type, dst_type = args[0].device.type, (torch.device(target).type if target is not None else args[0].device.type)
+        non_blocking = kwargs.get("non_blocking", False)
+    return src_type != dst_type and not non_blocking
 
 
 class OpCounter(TorchDispatchMode):
