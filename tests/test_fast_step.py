@@ -6,6 +6,10 @@ joint forward/backward graph (where a compiled step can go wrong: graph breaks, 
 path to the placeholder) but not inductor's code generation, which takes about four minutes for the tiny UNet's
 forward and backward on this project's 2-core CI machine. Inductor itself is compared on CUDA (``gpu`` marker).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -14,7 +18,8 @@ from torch._dynamo.utils import counters
 
 from ldm.models.diffusion.fast_step import CompileOptions, HostFlag, HostSyncDetector, compile_training_step, training_denoiser
 from ldm.util import instantiate_from_config
-from tiny_models import TINY_CONFIGS
+from conftest import REPO
+from tiny_models import TINY_CONFIGS, make_concept_folder, make_tiny_checkpoint
 
 
 def tiny_model(family: str, **params):
@@ -123,6 +128,15 @@ def test_compile_settings():
     assert CompileOptions.from_config("all", "reduce-overhead").mode == "reduce-overhead"
     with pytest.raises(ValueError, match="model.params.compile must be one of"):
         CompileOptions.from_config("fast")
+
+
+def test_main_names_a_wrong_compile_setting_in_one_line(tmp_path):
+    ckpt = make_tiny_checkpoint("ldm", tmp_path / "ldm.ckpt")
+    cmd = [sys.executable, str(REPO / "main.py"), "--base", str(TINY_CONFIGS["ldm"]), "-t", "--actual_resume", str(ckpt), "--data_root",
+           str(make_concept_folder(tmp_path / "data")), "-l", str(tmp_path / "logs"), "--max_steps", "1", "model.params.compile=fast"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: model.params.compile must be one of auto, off, unet, all (or true/false), not 'fast'"
 
 
 @pytest.mark.gpu

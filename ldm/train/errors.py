@@ -9,6 +9,7 @@ from typing import Any
 from ldm.checkpoint import CheckpointError
 from ldm.data.images import DataRootError, ImageLoadError
 from ldm.data.personalized import TemplateError
+from ldm.models.diffusion.fast_step import CompileSettingError
 from ldm.models.diffusion.training import NonFiniteLossError
 from ldm.modules.embedding_manager import EmbeddingFileError, PlaceholderError
 
@@ -21,6 +22,7 @@ class ConfigError(ValueError):
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointError,
+    CompileSettingError,
     ConfigError,
     DataRootError,
     ImageLoadError,

@@ -30,6 +30,10 @@ COMPILE_CHOICES = ("auto", "off", "unet", "all")
 SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique", "_unique2", "item"})
 
 
+class CompileSettingError(ValueError):
+    """A ``model.params.compile`` value that is not one of the choices; ``str()`` is a one-line message."""
+
+
 @dataclass(frozen=True)
 class CompileOptions:
     """What ``model.params.compile`` / ``compile_mode`` / ``compile_backend`` ask for.
@@ -51,7 +55,7 @@ class CompileOptions:
         setting = str(setting).lower()
         setting = {"true": "unet", "false": "off", "none": "off"}.get(setting, setting)
         if setting not in COMPILE_CHOICES:
-            raise ValueError(f"model.params.compile must be one of {', '.join(COMPILE_CHOICES)} (or true/false), not '{setting}'")
+            raise CompileSettingError(f"model.params.compile must be one of {', '.join(COMPILE_CHOICES)} (or true/false), not '{setting}'")
         return cls(setting, mode or None, backend)
 
     def targets(self, device: torch.device) -> tuple[str, ...]:

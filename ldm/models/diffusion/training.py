@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last finite embedding has been kept."""
 
 
-FINITE_CHECK_EVERY = 50  # steps between the host synchronisations that look at the non-finite flag
+# the model reads its latent-cache keys in ``on_before_batch_transfer`` on purpose, whatever data module feeds it
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a")
+
+FINITE_CHECK_EVERY = 50  # steps between looks at the non-finite flag (at its copy from the previous look)
 
 
 class DDPMTrainingMixin:
