@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.data.images import list_image_files, validate_image_folder
-from ldm.train.callbacks import AtomicCheckpointIO, EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
+from ldm.train.callbacks import AtomicCheckpointIO, EmbeddingRescue, ImageLogger, LossCurve, ProgressBar, SetupCallback
 from ldm.train.cli import count_devices, get_parser, load_configs, parse_devices, resolve_run, split_unknown
 from ldm.train.data import DataModuleFromConfig
 from ldm.train.errors import ConfigError, run_cli
@@ -86,7 +86,7 @@ def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, re
         SetupCallback(resume, run.now, str(run.logdir), str(run.ckptdir), str(run.cfgdir), config, lightning_config),
         pl.callbacks.LearningRateMonitor(logging_interval="step"),
         # each refresh reads the logged losses back from the device: on a GPU, refresh every 10 steps
-        pl.callbacks.TQDMProgressBar(refresh_rate=10 if lightning_config.trainer.get("accelerator") in ("gpu", "cuda") else 1),
+        ProgressBar(refresh_rate=10 if lightning_config.trainer.get("accelerator") in ("gpu", "cuda") else 1),
         EmbeddingRescue(str(run.ckptdir)),
         LossCurve(),
     ]

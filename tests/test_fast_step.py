@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch._dynamo.utils import counters
 
 from ldm.models.diffusion.fast_step import CompileOptions, HostFlag, HostSyncDetector, compile_training_step, training_denoiser
+from ldm.train.callbacks import ProgressBar
 from ldm.util import instantiate_from_config
 from conftest import REPO
 from tiny_models import TINY_CONFIGS, make_concept_folder, make_tiny_checkpoint
@@ -101,6 +102,37 @@ def test_a_lightning_training_step_never_waits_for_the_device(family):
     assert not torch.equal(next(model.embedding_manager.embedding_parameters()).detach(), before)  # it did train
     for step, detector in enumerate(watch.detectors):
         assert not detector.syncs, f"step {step} synchronised:\n{detector.report()}"
+
+
+class LoopWatch(pl.Callback):
+    """Watches whole loop iterations, each from one batch's start to the next's (so the bar and the logger too)."""
+
+    def __init__(self) -> None:
+        self.detectors: list[HostSyncDetector] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.detectors:
+            self.detectors[-1].__exit__(None, None, None)
+        self.detectors.append(HostSyncDetector())
+        self.detectors[-1].__enter__()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.detectors[-1].__exit__(None, None, None)
+
+
+def test_lightning_reads_the_losses_only_when_the_bar_refreshes_or_the_log_is_written(tmp_path):
+    model = tiny_model("ldm")
+    model.learning_rate = 5e-3
+    batch = tiny_batch()
+    watch = LoopWatch()
+    trainer = pl.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=pl.loggers.CSVLogger(str(tmp_path)), log_every_n_steps=5,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[ProgressBar(refresh_rate=5), watch], limit_val_batches=0)
+    trainer.fit(model, torch.utils.data.DataLoader([{k: v[i] for k, v in batch.items()} for i in range(2)] * 10, batch_size=2))
+    assert len(watch.detectors) == 10
+    quiet = [i for i in range(9) if (i + 1) % 5]
+    for i in quiet:
+        assert not watch.detectors[i].syncs, f"loop iteration {i} synchronised:\n{watch.detectors[i].report()}"
+    assert watch.detectors[4].syncs  # the refresh after step 5 reads the losses, once
 
 
 def test_the_detector_sees_a_scalar_read():

@@ -54,9 +54,10 @@ class DDPMTrainingMixin:
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, loss_dict = self.shared_step(batch)
         self.track_finite(loss)
-        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=self.batch_size_of(batch))
+        # prog_bar=False: Lightning would read each back after every step; main.py's ProgressBar shows them at a refresh
+        self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=True, on_epoch=True, batch_size=self.batch_size_of(batch))
         step = torch.full((), float(self.global_step), device=self.device)  # made there: no blocking host-to-device copy
-        self.log("global_step", step, prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        self.log("global_step", step, prog_bar=False, logger=True, on_step=True, on_epoch=False)
         return loss
 
     @torch.no_grad()
