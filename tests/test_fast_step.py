@@ -132,7 +132,7 @@ def test_lightning_reads_the_losses_only_when_the_bar_refreshes_or_the_log_is_wr
     quiet = [i for i in range(9) if (i + 1) % 5]
     for i in quiet:
         assert not watch.detectors[i].syncs, f"loop iteration {i} synchronised:\n{watch.detectors[i].report()}"
-    assert watch.detectors[4].syncs  # the refresh after step 5 reads the losses, once
+    assert watch.detectors[4].syncs  # writing the CSV log after step 5 reads the losses
 
 
 def test_the_detector_sees_a_scalar_read():
@@ -160,6 +160,13 @@ def test_compile_settings():
     assert CompileOptions.from_config("all", "reduce-overhead").mode == "reduce-overhead"
     with pytest.raises(ValueError, match="model.params.compile must be one of"):
         CompileOptions.from_config("fast")
+
+
+def test_auto_trains_eagerly_where_inductor_cannot_build_gpu_code(monkeypatch, caplog):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert CompileOptions.from_config("auto").targets(torch.device("cuda")) == ()
+    assert "no C compiler" in caplog.text
+    assert CompileOptions.from_config("unet").targets(torch.device("cuda")) == ("unet",)  # asked for: it is tried
 
 
 def test_main_names_a_wrong_compile_setting_in_one_line(tmp_path):

@@ -15,7 +15,10 @@ another size (the short last batch of an epoch) compiles a second graph; samplin
 from __future__ import annotations
 
 import collections
+import importlib.util
 import logging
+import os
+import shutil
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -61,8 +64,20 @@ class CompileOptions:
     def targets(self, device: torch.device) -> tuple[str, ...]:
         """Which parts to compile on ``device``."""
         if self.setting == "auto":
-            return ("unet",) if device.type == "cuda" else ()
+            missing = missing_for_inductor() if self.backend == "inductor" else None
+            if device.type == "cuda" and missing:
+                logger.warning("compile auto: training eagerly, %s (model.params.compile=unet forces compiling)", missing)
+            return ("unet",) if device.type == "cuda" and not missing else ()
         return {"off": (), "unet": ("unet",), "all": ("unet", "text")}[self.setting]
+
+
+def missing_for_inductor() -> str | None:
+    """What inductor's GPU code generation lacks here (Triton, or the C compiler Triton builds its launcher with)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if not any(shutil.which(cc) for cc in (os.environ.get("CC", "gcc"), "gcc", "cc", "clang")):
+        return "no C compiler (gcc, cc or clang) on the PATH"
+    return None
 
 
 def compile_training_step(model: Any, options: CompileOptions) -> tuple[str, ...]:
