@@ -143,12 +143,21 @@ def test_the_detector_sees_a_scalar_read():
     assert detector.syncs and "_local_scalar_dense" in detector.syncs[0][0]
 
 
-def test_host_flag_reports_the_previous_value_without_waiting():
+def test_host_flag_reports_a_value_without_waiting():
     flag = HostFlag()
     assert flag.read() is None
-    flag.publish(torch.tensor(False))
+    assert flag.exchange(torch.tensor(False)) is False  # on a CPU the copy is done at once
     assert flag.read() is False
     assert flag.read_now(torch.tensor(True)) is True
+
+
+@pytest.mark.gpu
+def test_host_flag_on_cuda_gives_the_previous_copy():
+    flag = HostFlag()
+    assert flag.exchange(torch.tensor(False, device="cuda")) is None  # nothing on the host yet; nobody waits
+    torch.cuda.synchronize()
+    assert flag.exchange(torch.tensor(True, device="cuda")) is False
+    assert flag.read_now(torch.tensor(True, device="cuda")) is True
 
 
 def test_compile_settings():

@@ -131,8 +131,8 @@ class HostFlag:
     """A boolean device tensor read on the host without waiting for the device.
 
     :meth:`publish` starts a non-blocking copy into host memory; :meth:`read` returns the value of the last copy
-    that has finished (on CUDA an event tells) and None while none has. Reading it every N steps therefore costs no
-    synchronisation; :meth:`read_now` waits, for the end of training.
+    if it has finished (on CUDA an event tells) and None otherwise; :meth:`exchange` does both. Looking at it every N
+    steps therefore costs no synchronisation; :meth:`read_now` waits, for the end of training.
     """
 
     def __init__(self) -> None:
@@ -153,6 +153,12 @@ class HostFlag:
         if not self.published or (self.event is not None and not self.event.query()):
             return None
         return bool(self.host.numpy())  # host memory: a plain read, not a device synchronisation
+
+    def exchange(self, value: torch.Tensor) -> bool | None:
+        """Publish ``value``; return the newest value on the host without waiting (on a CPU, ``value`` itself)."""
+        previous = self.read()
+        self.publish(value)
+        return previous if self.event is not None else self.read()
 
     def read_now(self, value: torch.Tensor) -> bool:
         self.publish(value)

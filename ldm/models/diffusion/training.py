@@ -35,7 +35,7 @@ class NonFiniteLossError(RuntimeError):
 # the model reads its latent-cache keys in ``on_before_batch_transfer`` on purpose, whatever data module feeds it
 warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a")
 
-FINITE_CHECK_EVERY = 50  # steps between looks at the non-finite flag (at its copy from the previous look)
+FINITE_CHECK_EVERY = 50  # steps between looks at the non-finite flag (at its newest copy on the host)
 
 
 class DDPMTrainingMixin:
@@ -43,8 +43,9 @@ class DDPMTrainingMixin:
 
     A NaN or infinite loss is handled without a host synchronisation per step: the step's gradients are zeroed on the
     device (so the weights, e.g. the learned embedding, stay finite), a flag remembers it, and every
-    ``FINITE_CHECK_EVERY`` steps the host looks at the flag as copied at the previous check (a copy it never waits
-    for), and at the end of training at its current value; either then stops with :class:`NonFiniteLossError`.
+    ``FINITE_CHECK_EVERY`` steps the host looks at its newest copy of the flag (on a GPU the previous check's: the
+    host never waits for the device), and at the end of training at its current value; either then stops with
+    :class:`NonFiniteLossError`.
     """
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -84,15 +85,14 @@ class DDPMTrainingMixin:
             self.raise_if_nonfinite(wait=False)
 
     def raise_if_nonfinite(self, wait: bool = True) -> None:
-        """Stop on a non-finite loss. ``wait=False`` (during training) looks at the flag as copied at the previous
-        check and starts a new copy, so the host never waits for the device; ``wait=True`` reads it now."""
+        """Stop on a non-finite loss. ``wait=False`` (during training) starts a copy of the flag to the host and
+        looks at the newest copy already there (on a GPU, the previous check's), so the host never waits for the
+        device; ``wait=True`` reads it now."""
         seen = self.__dict__.get("_all_finite")
         if seen is None:
             return
         flag = self.__dict__.setdefault("_finite_flag", HostFlag())
-        finite = flag.read_now(seen) if wait else flag.read()
-        if not wait:
-            flag.publish(seen)
+        finite = flag.read_now(seen) if wait else flag.exchange(seen)
         if finite is False:
             raise NonFiniteLossError(
                 f"the loss became NaN or infinite (by step {self.global_step}); lower the learning rate or use "
