@@ -56,7 +56,7 @@ class Plan:
         self.steps = ["--steps", "2", "--warmup", "1"] if dry else ["--steps", "10", "--warmup", "3"]
         self.backend = ["--compile-backend", "aot_eager"] if dry else []
         self.recipe_steps = 6 if dry else 5000
-        self.budget = dict(zip(PARTS, (80, 160, 100, 60, 40, 30)))
+        self.budget = dict(zip(PARTS, (120, 140, 100, 50, 40, 20)))
         self.deadline = time.monotonic() + total_s
 
     def seconds(self, part: str) -> float:
