@@ -37,3 +37,16 @@ def test_a_wrong_part_is_a_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), str(tmp_path), "--dry-run", "--parts", "benchmark"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--parts benchmark: not a part" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_benchmark_killed_at_its_limit_still_reports_its_saved_rows(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_check
+
+    row = {"name": "ours", "batch": 4, "precision": "bf16", "cache": True, "checkpointing": False, "sec_per_step": 0.05, "images_per_s": 80.0,
+           "peak_mem_gib": 2.5, "tflop_per_step": 1.2, "matmul_fraction": 0.3, "mode": "graphs"}
+    (tmp_path / "bench_sd.json").write_text(json.dumps({"count_ops": False, "results": [row]}))
+    table = gpu_check.benchmark_table(tmp_path, "bench_sd", {"returncode": "timeout"})
+    assert "stopped at its time limit: timeout" in table
+    assert "| ours | graphs | 4 | bf16 | True | False | 50.0 | 80.0 | 2.50 | 1.2000 | 30.0% |" in table
+    assert gpu_check.benchmark_table(tmp_path, "ops", {}) == "(no results: skipped)"
