@@ -73,6 +73,24 @@ def test_compiled_step_gives_the_eager_loss_and_gradient(family, setting):
     assert training_denoiser(model) is model.model  # sampling and validation stay eager
 
 
+def test_lightning_fit_trains_through_the_compiled_denoiser():
+    model = tiny_model("sd", compile="unet", compile_backend="aot_eager")
+    model.learning_rate = 5e-3
+    batch = tiny_batch()
+    before = next(model.embedding_manager.embedding_parameters()).detach().clone()
+    used: list[bool] = []
+
+    class Check(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            used.append(training_denoiser(pl_module) is pl_module.__dict__.get("_compiled_denoiser"))
+
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[Check()])
+    trainer.fit(model, torch.utils.data.DataLoader([{k: v[i] for k, v in batch.items()} for i in range(2)] * 2, batch_size=2))
+    assert used == [True, True]  # on_fit_start compiled it and the training steps run it
+    assert not torch.equal(next(model.embedding_manager.embedding_parameters()).detach(), before)
+
+
 class SyncWatch(pl.Callback):
     """Watches each training step (after the batch reached the device, through the optimizer step) for host syncs."""
 
