@@ -121,14 +121,14 @@ def personalize(config: Any, opt: Any) -> None:
 def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, resume: bool) -> list[pl.Callback]:
     import pytorch_lightning as pl
 
-    from ldm.train.callbacks import EmbeddingRescue, ImageLogger, LossCurve, SetupCallback
+    from ldm.train.callbacks import EmbeddingRescue, ImageLogger, LossCurve, ProgressBar, SetupCallback
     from ldm.util import instantiate_from_config
 
     callbacks: list[pl.Callback] = [
         SetupCallback(resume, run.now, str(run.logdir), str(run.ckptdir), str(run.cfgdir), config, lightning_config),
         pl.callbacks.LearningRateMonitor(logging_interval="step"),
         # each refresh reads the logged losses back from the device: on a GPU, refresh every 10 steps
-        pl.callbacks.TQDMProgressBar(refresh_rate=10 if lightning_config.trainer.get("accelerator") in ("gpu", "cuda") else 1),
+        ProgressBar(refresh_rate=10 if lightning_config.trainer.get("accelerator") in ("gpu", "cuda") else 1),
         EmbeddingRescue(str(run.ckptdir)),
         LossCurve(),
     ]

@@ -44,7 +44,7 @@ def build_peer(config: Any, device: torch.device, dtype: torch.dtype | None) -> 
         block_out_channels=[dd.ch * m for m in dd.ch_mult], down_block_types=["DownEncoderBlock2D"] * len(dd.ch_mult),
         up_block_types=["UpDecoderBlock2D"] * len(dd.ch_mult),
     )
-    text_encoder = CLIPTextModel(clip_text_config(p.cond_stage_config.params.get("version", "openai/clip-vit-large-patch14")))
+    text_encoder = CLIPTextModel(clip_text_config((p.cond_stage_config.get("params") or {}).get("version", "openai/clip-vit-large-patch14")))
     weight_dtype = dtype or torch.float32
     unet.to(device, weight_dtype).requires_grad_(False)
     vae.to(device, weight_dtype).requires_grad_(False)

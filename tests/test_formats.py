@@ -3,7 +3,6 @@ client loading our export, malicious pickles refused without running, and the Em
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import subprocess
@@ -32,17 +31,10 @@ from ldm.modules.embedding_formats import (
 from ldm.modules.embedding_manager import EmbeddingFileError, EmbeddingManager, PlaceholderError
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.provenance import GenerationRecord, embedding_record, file_sha256, metadata_to_record, read_png_text, record_to_metadata, save_png
+from paths import REPO, load_script
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_CLIP = REPO / "tests" / "fixtures" / "tiny-clip"
 STAR_CLIP = 265  # '*' in the CLIP vocabulary
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

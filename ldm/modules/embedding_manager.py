@@ -122,7 +122,7 @@ class EmbeddingManager(nn.Module):
             param = param.to(device=embedded_text.device, dtype=embedded_text.dtype)
             single = self.max_vectors_per_token == 1 and param.shape[0] == 1
             k = 1 if single else self.vectors_in_use(param.shape[0])
-            tokens, embedded_text = self.insert_vectors(tokens, embedded_text, int(token), param[:k])
+            tokens, embedded_text = self.insert_vectors(tokens, embedded_text, token.tolist(), param[:k])  # host id, no scalar op
         return embedded_text
 
     def vectors_in_use(self, available: int, count_call: bool = True) -> int:

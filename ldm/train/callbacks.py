@@ -108,6 +108,23 @@ class ImageLogger(pl.Callback):
             self.log_img(trainer, pl_module, batch, batch_idx, split="val")
 
 
+class ProgressBar(pl.callbacks.TQDMProgressBar):
+    """Lightning's bar, showing the step's losses as read from the device only when the bar refreshes.
+
+    Metrics logged with ``prog_bar=True`` are read back to the host by Lightning after every step, whatever the
+    refresh rate (a host synchronisation per step on a GPU); the training step therefore logs without it, and this
+    bar reads the logged step values (``train/..._step`` and ``global_step``) at a refresh, in one copy.
+    """
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        shown = {k: v for k, v in trainer.callback_metrics.items() if (k.startswith("train/") and k.endswith("_step")) or k == "global_step"}
+        if shown:
+            values = torch.stack([v.detach().float().reshape(()) for v in shown.values()]).tolist()
+            items.update({k: f"{v:.3g}" if k != "global_step" else int(v) for k, v in zip(shown, values)})
+        return items
+
+
 class EmbeddingRescue(pl.Callback):
     """Saves the embedding and a last checkpoint at the end of training and when a run stops early."""
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.models.autoencoder import VQModelInterface
+from ldm.models.diffusion.fast_step import CompileOptions, HostFlag, training_denoiser
 from ldm.models.diffusion.image_logging import ImageLoggingMixin
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS, lvlb_weights, schedule_arrays
 from ldm.models.diffusion.training import DDPMTrainingMixin, InversionTrainingMixin
@@ -166,13 +167,16 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
         self.loss_type = loss_type
         self.learn_logvar = learn_logvar
-        self.logvar = torch.full(fill_value=logvar_init, size=(self.num_timesteps,))
+        logvar = torch.full(fill_value=logvar_init, size=(self.num_timesteps,))
         if learn_logvar:
-            self.logvar = nn.Parameter(self.logvar, requires_grad=True)
+            self.logvar = nn.Parameter(logvar, requires_grad=True)
+        else:  # a buffer moves with the model: no host-to-device copy each step (not saved, as in the original)
+            self.register_buffer("logvar", logvar, persistent=False)
         # whether this step's loss, and every loss so far, was finite: device tensors, read only every few steps
-        # (see DDPMTrainingMixin.track_finite)
+        # through the host copy in finite_flag (see DDPMTrainingMixin.track_finite)
         self.step_finite: torch.Tensor | None = None
         self.all_finite: torch.Tensor | None = None
+        self.finite_flag = HostFlag()
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
 
@@ -347,8 +351,10 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
     Beyond the original's arguments: ``cache_latents`` (encode each training image and flip once; on by default),
     ``gradient_checkpointing`` (None: off while inverting, as the original effectively ran, else the UNet's
     ``use_checkpoint``; True/False forces it; it works with every weight frozen), ``context_reg_weight``
-    (see :meth:`context_preservation_loss`; 0, off, by default) and ``embedding_provenance`` (the run's seed,
-    config, base model and images, recorded in every embedding file written; see :func:`ldm.provenance.embedding_record`).
+    (see :meth:`context_preservation_loss`; 0, off, by default), ``embedding_provenance`` (the run's seed,
+    config, base model and images, recorded in every embedding file written; see :func:`ldm.provenance.embedding_record`)
+    and ``compile``/``compile_mode``/``compile_backend`` (the training step's denoiser under ``torch.compile``, see
+    :mod:`ldm.models.diffusion.fast_step`).
     """
 
     def __init__(
@@ -368,6 +374,9 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
         gradient_checkpointing: bool | None = None,
         context_reg_weight: float = 0.0,
         embedding_provenance: dict[str, Any] | None = None,
+        compile: bool | str | None = "auto",
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
         *args: Any,
         **kwargs: Any,
     ) -> None:
@@ -402,6 +411,7 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
         self.latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self.embedding_provenance = embedding_provenance
         self.context_reg_weight = context_reg_weight
+        self.compile_options = CompileOptions.from_config(compile, compile_mode, compile_backend)
         self.restarted_from_ckpt = False
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
@@ -478,7 +488,7 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
                 cond = [cond]
             key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
             cond = {key: cond}
-        x_recon = self.model(x_noisy, t, **cond)
+        x_recon = training_denoiser(self)(x_noisy, t, **cond)
         if isinstance(x_recon, tuple) and not return_ids:
             return x_recon[0]
         return x_recon

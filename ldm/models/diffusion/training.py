@@ -12,6 +12,7 @@ Inversion additions over the original:
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from ldm.checkpoint import atomic_torch_save
 from ldm.errors import UserError
+from ldm.models.diffusion.fast_step import compile_training_step, make_adamw
 from ldm.provenance import embedding_record
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -30,16 +32,21 @@ class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the last finite embedding has been kept."""
 
 
-FINITE_CHECK_EVERY = 50  # steps between the host synchronisations that look at the non-finite flag
+# the model reads its latent-cache keys in ``on_before_batch_transfer`` on purpose, whatever data module feeds it
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a")
+
+FINITE_CHECK_EVERY = 50  # steps between looks at the non-finite flag (at its newest copy on the host)
 
 
 class DDPMTrainingMixin:
     """Upstream LDM training: loss on a batch, logging, EMA update, AdamW over the trainable weights.
 
     A NaN or infinite loss is handled without a host synchronisation per step: the step's gradients are zeroed on the
-    device (so the weights, e.g. the learned embedding, stay finite), a flag remembers it, and the flag is read every
-    ``FINITE_CHECK_EVERY`` steps and at the end of training, which then stops with :class:`NonFiniteLossError`. The
-    flags (``step_finite``, ``all_finite``) are created in ``DDPM.__init__``.
+    device (so the weights, e.g. the learned embedding, stay finite), a flag remembers it, and every
+    ``FINITE_CHECK_EVERY`` steps the host looks at its newest copy of the flag (on a GPU the previous check's: the
+    host never waits for the device), and at the end of training at its current value; either then stops with
+    :class:`NonFiniteLossError`. The
+    flags (``step_finite``, ``all_finite``) and the host's copy of it (``finite_flag``) are created in ``DDPM.__init__``.
     """
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -49,8 +56,10 @@ class DDPMTrainingMixin:
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, loss_dict = self.shared_step(batch)
         self.track_finite(loss)
-        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=self.batch_size_of(batch))
-        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        # prog_bar=False: Lightning would read each back after every step; main.py's ProgressBar shows them at a refresh
+        self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=True, on_epoch=True, batch_size=self.batch_size_of(batch))
+        step = torch.full((), float(self.global_step), device=self.device)  # made there: no blocking host-to-device copy
+        self.log("global_step", step, prog_bar=False, logger=True, on_step=True, on_epoch=False)
         return loss
 
     @torch.no_grad()
@@ -73,10 +82,16 @@ class DDPMTrainingMixin:
         self.step_finite = ok
         self.all_finite = ok if self.all_finite is None else self.all_finite & ok
         if self.global_step % FINITE_CHECK_EVERY == 0:
-            self.raise_if_nonfinite()
+            self.raise_if_nonfinite(wait=False)
 
-    def raise_if_nonfinite(self) -> None:
-        if self.all_finite is not None and not bool(self.all_finite):
+    def raise_if_nonfinite(self, wait: bool = True) -> None:
+        """Stop on a non-finite loss. ``wait=False`` (during training) starts a copy of the flag to the host and
+        looks at the newest copy already there (on a GPU, the previous check's), so the host never waits for the
+        device; ``wait=True`` reads it now."""
+        if self.all_finite is None:
+            return
+        finite = self.finite_flag.read_now(self.all_finite) if wait else self.finite_flag.exchange(self.all_finite)
+        if finite is False:
             raise NonFiniteLossError(
                 f"the loss became NaN or infinite (by step {self.global_step}); lower the learning rate or use "
                 "--precision 32 (the embedding kept is the last finite one)"
@@ -133,7 +148,8 @@ class InversionTrainingMixin:
         if not (self.cache_latents and "index" in batch and "flip" in batch):
             return self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
         cache = self.latent_cache
-        keys = [(int(i), bool(f)) for i, f in zip(batch["index"][: x.shape[0]], batch["flip"][: x.shape[0]])]
+        keys = batch.get("cache_keys") or list(zip(batch["index"].tolist(), batch["flip"].tolist()))
+        keys = [(int(i), bool(f)) for i, f in keys[: x.shape[0]]]
         missing = [j for j, k in enumerate(keys) if k not in cache]
         if missing:
             with torch.no_grad():
@@ -145,12 +161,22 @@ class InversionTrainingMixin:
         std = torch.stack([cache[k][1] for k in keys]).to(x.device)
         return self.scale_factor * (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype))
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Note the latent-cache keys on the host before Lightning moves the batch to the device, where reading
+        them would make the host wait for the device every step."""
+        if isinstance(batch, dict) and "index" in batch and "flip" in batch:
+            batch["cache_keys"] = list(zip(torch.as_tensor(batch["index"]).tolist(), torch.as_tensor(batch["flip"]).tolist()))
+        return batch
+
+    def on_fit_start(self) -> None:
+        compile_training_step(self, self.compile_options)
+
     def configure_optimizers(self) -> Any:
         if self.embedding_manager is None:
             return super().configure_optimizers()
         embedding_params = list(self.embedding_manager.embedding_parameters())
         if not self.unfreeze_model:
-            return torch.optim.AdamW(embedding_params, lr=self.learning_rate)
+            return make_adamw(embedding_params, lr=self.learning_rate)
         model_params = list(self.cond_stage_model.parameters()) + list(self.model.parameters())
         return torch.optim.AdamW([{"params": embedding_params, "lr": self.learning_rate}, {"params": model_params}], lr=self.model_lr)
 

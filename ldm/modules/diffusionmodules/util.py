@@ -127,8 +127,8 @@ def timestep_embedding(
     if repeat_only:
         return repeat(timesteps, "b -> b d", d=dim)
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half)
-    args = timesteps[:, None].float() * freqs.to(timesteps.device)[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]  # made on the device: a host-made copy would wait for it
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)

@@ -73,7 +73,7 @@ class _TextEmbedder(AbstractEncoder):
 
     def _token_ids(self, text: TextInput) -> torch.Tensor:
         ids = text if isinstance(text, torch.Tensor) else self.tokenize(text)
-        return ids.to(device=self.device, dtype=torch.long)
+        return ids.to(device=self.device, dtype=torch.long, non_blocking=True)  # a blocking copy would wait for the device
 
     def encode(self, text: TextInput, embedding_manager: EmbeddingManagerFn | None = None) -> torch.Tensor:
         return self(text, embedding_manager=embedding_manager)
