@@ -27,6 +27,7 @@ from ldm.train.callbacks import AtomicCheckpointIO, EmbeddingRescue, ImageLogger
 from ldm.train.cli import count_devices, get_parser, load_configs, parse_devices, resolve_run, split_unknown
 from ldm.train.data import DataModuleFromConfig
 from ldm.train.errors import ConfigError, run_cli
+from ldm.train.monitoring import EmbeddingMonitor, run_loggers
 from ldm.util import instantiate_from_config
 
 __all__ = ["DataModuleFromConfig", "ImageLogger", "main"]
@@ -98,6 +99,8 @@ def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, re
         callbacks.append(instantiate_from_config(cfg))
     if "image_logger" not in configured:
         callbacks.append(ImageLogger(batch_frequency=750, max_images=4, clamp=True))
+    if "personalization_config" in config.model.params and not any(isinstance(cb, EmbeddingMonitor) for cb in callbacks):
+        callbacks.append(EmbeddingMonitor())  # norms, nearest words, and the function-word warning
     return callbacks
 
 
@@ -148,8 +151,7 @@ def main() -> None:
     }
     data = instantiate_from_config(config.data) if "data" in config else None
     callbacks = default_callbacks(run, opt, config, lightning_config, bool(run.resume_ckpt))
-    pl_logger = pl.loggers.CSVLogger(save_dir=str(run.logdir), name="csv")
-    trainer = pl.Trainer(callbacks=callbacks, logger=pl_logger, default_root_dir=str(run.logdir), plugins=[AtomicCheckpointIO()], **settings)
+    trainer = pl.Trainer(callbacks=callbacks, logger=run_loggers(run.logdir), default_root_dir=str(run.logdir), plugins=[AtomicCheckpointIO()], **settings)
     if data is not None:
         data.setup()
         for name, dataset in data.datasets.items():
