@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -100,7 +99,7 @@ def invert(concept: Concept, folder: Path, seed: int, rundir: Path, overrides: l
     """Run ``main.py`` (one torch thread); returns its wall time, the embedding file and the step it stopped at."""
     cmd = [sys.executable, str(ROOT / "main.py"), "--base", *concept.configs, "-t", "--actual_resume", CKPT,
            "-n", rundir.name, "--data_root", str(folder), "--init_word", concept.init_word, "--seed", str(seed),
-           "-l", str(rundir / "logs"), "--placeholder_string", concept.placeholder, "--no-test", *overrides]
+           "-l", str(rundir / "logs"), "--placeholder_string", concept.placeholder, "--no-test", "true", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     rundir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -110,9 +109,9 @@ def invert(concept: Concept, folder: Path, seed: int, rundir: Path, overrides: l
     if done.returncode != 0:
         raise RuntimeError(f"main.py failed (exit {done.returncode}); see {rundir / 'main.log'}")
     embedding = next((rundir / "logs").glob("*/checkpoints/embeddings.pt"))
-    text = (rundir / "main.log").read_text(errors="replace")
-    stop = re.search(r"DVAR early stopping at step (\d+)", text)
-    steps = int(stop.group(1)) if stop else max((int(m) for m in re.findall(r"global_step=(\d+)", text)), default=0)
+    import torch
+
+    steps = int(torch.load(embedding, weights_only=True).get("step", -1)) + 1  # files number the last batch's index
     return wall, embedding, steps
 
 
@@ -155,6 +154,15 @@ def one_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples
     logger.info("%s: reconstruction %.0f%%, editability %.0f%%, %s, %.0f s, %d steps", rundir.name, 100 * recon,
                 100 * edit, "success" if result.success else "FAILED", wall, steps)
     return result
+
+
+def guarded_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples: int, overrides: list[str]) -> RunResult:
+    """:func:`one_run`; a run that crashes counts as a failed run (not saved, so the next call tries it again)."""
+    try:
+        return one_run(concept, picture_set, seed, outdir, samples, overrides)
+    except (RuntimeError, subprocess.CalledProcessError, StopIteration, ValueError) as exc:
+        logger.error("%s: %s", run_id(concept.name, picture_set, seed), exc)
+        return RunResult(concept.name, picture_set, seed, 0.0, 0.0, False, 0.0, 0, samples, "", {"error": str(exc)})
 
 
 def summary(results: list[RunResult]) -> dict:
@@ -238,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     outdir = Path(opt.outdir).resolve()
     jobs = [(CONCEPTS[c], s, seed) for c in opt.concept for s in opt.sets for seed in opt.seeds]
     with ThreadPoolExecutor(max_workers=max(1, opt.jobs)) as pool:
-        results = list(pool.map(lambda job: one_run(*job, outdir, opt.samples, opt.overrides), jobs))
+        results = list(pool.map(lambda job: guarded_run(*job, outdir, opt.samples, opt.overrides), jobs))
     totals = summary(results)
     payload = {"command": sys.argv, "overrides": opt.overrides, "samples": opt.samples, "summary": totals,
                "runs": [asdict(r) for r in results]}

@@ -64,8 +64,12 @@ class EmbeddingManager(nn.Module):
         per_image_tokens: bool = False,
         num_vectors_per_token: int = 1,
         progressive_words: bool = False,
+        init_noise: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        """``init_noise`` > 0 starts each vector at its init-word row plus Gaussian noise of that size relative to the
+        row's RMS (drawn from torch's generator, so ``--seed`` decides it): the vectors of a multi-vector word then
+        start apart instead of all at the same word. The context regulariser still compares with the init word."""
         super().__init__()
         self.embedder = [embedder]  # a list keeps the (frozen) encoder out of this module's parameters
         self.string_to_token_dict: dict[str, torch.Tensor] = {}
@@ -87,6 +91,9 @@ class EmbeddingManager(nn.Module):
             if idx < len(init_words) and init_words[idx]:
                 vectors = self.initial_vectors(init_words[idx], num_vectors_per_token)
                 self.initial_embeddings[placeholder] = nn.Parameter(vectors.clone(), requires_grad=False)
+                if init_noise > 0:
+                    rms = vectors.pow(2).mean(dim=-1, keepdim=True).sqrt()
+                    vectors = vectors + init_noise * rms * torch.randn(vectors.shape)
             else:
                 vectors = torch.rand(num_vectors_per_token, embedder.embed_dim)
             self.string_to_param_dict[placeholder] = nn.Parameter(vectors, requires_grad=True)

@@ -62,6 +62,10 @@ class DVAREarlyStopping(pl.Callback):
             raise ConfigError("DVAR early stopping needs the deterministic loss: add the callback "
                               "ldm.train.validation.DeterministicLoss to lightning.callbacks (before it)")
         self.source = sources[0] if sources else None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was seen: the deterministic loss starts a new history (a restart)."""
         self.stopped_at, self._seen = None, 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
