@@ -244,9 +244,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(judge(opt.judge[0], Path(opt.judge[1]), opt.samples)))
         return
     outdir = Path(opt.outdir).resolve()
-    jobs = [(CONCEPTS[c], s, seed) for c in opt.concept for s in opt.sets for seed in opt.seeds]
+    # seed by seed, so that a sweep cut short has covered every concept and picture set equally
+    jobs = [(CONCEPTS[c], s, seed) for seed in opt.seeds for s in opt.sets for c in opt.concept]
     with ThreadPoolExecutor(max_workers=max(1, opt.jobs)) as pool:
         results = list(pool.map(lambda job: guarded_run(*job, outdir, opt.samples, opt.overrides), jobs))
+    results.sort(key=lambda r: (opt.concept.index(r.concept), opt.sets.index(r.picture_set), r.seed))
     totals = summary(results)
     payload = {"command": sys.argv, "overrides": opt.overrides, "samples": opt.samples, "summary": totals,
                "runs": [asdict(r) for r in results]}
