@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,6 +102,7 @@ def invert(concept: Concept, folder: Path, seed: int, rundir: Path, overrides: l
            "-n", rundir.name, "--data_root", str(folder), "--init_word", concept.init_word, "--seed", str(seed),
            "-l", str(rundir / "logs"), "--placeholder_string", concept.placeholder, "--no-test", "true", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    shutil.rmtree(rundir / "logs", ignore_errors=True)  # what an interrupted earlier try left (it has no result.json)
     rundir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(rundir / "main.log", "w") as log:
