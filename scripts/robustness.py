@@ -110,7 +110,7 @@ def invert(concept: Concept, folder: Path, seed: int, rundir: Path, overrides: l
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"main.py failed (exit {done.returncode}); see {rundir / 'main.log'}")
-    embedding = next((rundir / "logs").glob("*/checkpoints/embeddings.pt"))
+    embedding = max((rundir / "logs").glob("*/checkpoints/embeddings.pt"), key=lambda p: p.stat().st_mtime)
     import torch
 
     steps = int(torch.load(embedding, weights_only=True).get("step", -1)) + 1  # files number the last batch's index
@@ -162,7 +162,7 @@ def guarded_run(concept: Concept, picture_set: str, seed: int, outdir: Path, sam
     """:func:`one_run`; a run that crashes counts as a failed run (not saved, so the next call tries it again)."""
     try:
         return one_run(concept, picture_set, seed, outdir, samples, overrides)
-    except (RuntimeError, subprocess.CalledProcessError, StopIteration, ValueError) as exc:
+    except (RuntimeError, subprocess.CalledProcessError, ValueError) as exc:
         logger.error("%s: %s", run_id(concept.name, picture_set, seed), exc)
         return RunResult(concept.name, picture_set, seed, 0.0, 0.0, False, 0.0, 0, samples, "", {"error": str(exc)})
 
