@@ -229,6 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=32, help="samples per judged prompt")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--outdir", default="outputs/robustness")
+    p.add_argument("--report", action="store_true", help="only tabulate the runs already done (their result.json)")
     p.add_argument("--judge", nargs=2, metavar=("CONCEPT", "EMBEDDING"), help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run (after --)")
     opt = p.parse_args(argv)
@@ -248,8 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     outdir = Path(opt.outdir).resolve()
     # seed by seed, so that a sweep cut short has covered every concept and picture set equally
     jobs = [(CONCEPTS[c], s, seed) for seed in opt.seeds for s in opt.sets for c in opt.concept]
-    with ThreadPoolExecutor(max_workers=max(1, opt.jobs)) as pool:
-        results = list(pool.map(lambda job: guarded_run(*job, outdir, opt.samples, opt.overrides), jobs))
+    if opt.report:
+        saved = [outdir / "runs" / run_id(c.name, s, seed) / "result.json" for c, s, seed in jobs]
+        results = [RunResult(**json.loads(path.read_text())) for path in saved if path.exists()]
+        if not results:
+            raise SystemExit(f"--report: no finished runs under {outdir / 'runs'}")
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, opt.jobs)) as pool:
+            results = list(pool.map(lambda job: guarded_run(*job, outdir, opt.samples, opt.overrides), jobs))
     results.sort(key=lambda r: (opt.concept.index(r.concept), opt.sets.index(r.picture_set), r.seed))
     totals = summary(results)
     payload = {"command": sys.argv, "overrides": opt.overrides, "samples": opt.samples, "summary": totals,
