@@ -122,6 +122,7 @@ def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, re
     import pytorch_lightning as pl
 
     from ldm.train.callbacks import EmbeddingRescue, ImageLogger, LossCurve, ProgressBar, SetupCallback
+    from ldm.train.monitoring import EmbeddingMonitor
     from ldm.util import instantiate_from_config
 
     callbacks: list[pl.Callback] = [
@@ -141,6 +142,8 @@ def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, re
         callbacks.append(instantiate_from_config(cfg))
     if "image_logger" not in configured:
         callbacks.append(ImageLogger(batch_frequency=750, max_images=4, clamp=True))
+    if "personalization_config" in config.model.params and not any(isinstance(cb, EmbeddingMonitor) for cb in callbacks):
+        callbacks.append(EmbeddingMonitor())  # norms, nearest words, and the function-word warning
     return callbacks
 
 
@@ -257,6 +260,7 @@ def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> N
     import torch
 
     from ldm.train.callbacks import AtomicCheckpointIO
+    from ldm.train.monitoring import run_loggers
     from ldm.util import instantiate_from_config
 
     torch.set_float32_matmul_precision("high")
@@ -267,8 +271,7 @@ def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> N
     model = build_model(config, opt)
     data = instantiate_from_config(config.data) if "data" in config else None
     callbacks = default_callbacks(run, opt, config, lightning_config, bool(run.resume_ckpt))
-    pl_logger = pl.loggers.CSVLogger(save_dir=str(run.logdir), name="csv")
-    trainer = pl.Trainer(callbacks=callbacks, logger=pl_logger, default_root_dir=str(run.logdir), plugins=[AtomicCheckpointIO()], **settings)
+    trainer = pl.Trainer(callbacks=callbacks, logger=run_loggers(run.logdir), default_root_dir=str(run.logdir), plugins=[AtomicCheckpointIO()], **settings)
     if data is not None:
         data.setup()
         for name, dataset in data.datasets.items():

@@ -25,5 +25,6 @@ setup(
         "regex>=2022.1",
         "matplotlib>=3.5",
     ],
-    extras_require={"test": ["pytest>=7", "diffusers>=0.30"]},
+    # tensorboard: runs also log to TensorBoard (`tensorboard --logdir logs`); without it they log to CSV alone
+    extras_require={"test": ["pytest>=7", "diffusers>=0.30"], "tensorboard": ["tensorboard>=2.10"]},
 )

@@ -37,6 +37,11 @@ _IMPLIED_TARGETS = {
 }
 
 
+# Mappings whose keys are free names chosen by the user (a callback's name): a new name there is a new entry, whose
+# own keys check_target_params checks once the override is applied.
+_OPEN_MAPPINGS = {("lightning", "callbacks")}
+
+
 def read_yaml(path: str | os.PathLike, flag: str) -> DictConfig:
     """One YAML config file as a ``DictConfig``; a one-line :class:`ConfigError` naming ``flag`` otherwise."""
     if not os.path.isfile(path):
@@ -127,13 +132,15 @@ def check_overrides(config: DictConfig, dotlist: Sequence[str]) -> None:
         receiver: str | None = None  # the class that takes the keys of ``node``
         for depth, part in enumerate(parts):
             where = ".".join(parts[:depth]) or "the top level"
+            if tuple(parts[:depth]) in _OPEN_MAPPINGS and not (isinstance(node, dict) and part in node):
+                break  # a new entry of a free-named mapping (e.g. lightning.callbacks.my_callback.target=...)
             if isinstance(node, list) and part.isdigit() and int(part) < len(node):
                 node, receiver = node[int(part)], None
             elif isinstance(node, dict) and part in node:
                 is_params = part == "params" and isinstance(node.get("target"), str)
                 receiver = node["target"] if is_params else _IMPLIED_TARGETS.get(tuple(parts[: depth + 1]))
                 node = node[part]
-            elif any(path[: depth + 1] == tuple(parts[: depth + 1]) for path in _IMPLIED_TARGETS):
+            elif any(path[: depth + 1] == tuple(parts[: depth + 1]) for path in [*_IMPLIED_TARGETS, *_OPEN_MAPPINGS]):
                 node, receiver = {}, _IMPLIED_TARGETS.get(tuple(parts[: depth + 1]))  # e.g. lightning.trainer, not in the file
             elif receiver is not None:
                 _refuse_unknown(item, receiver, where, part, node if isinstance(node, dict) else ())

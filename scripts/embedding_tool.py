@@ -47,6 +47,7 @@ from ldm.modules.embedding_formats import (  # noqa: E402
     write_embeddings,
 )
 from ldm.errors import ConfigError, run_cli  # noqa: E402
+from ldm.modules.nearest_words import nearest_words  # noqa: E402
 from ldm.modules.placeholders import Vocabulary  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -90,16 +91,6 @@ def load_text_encoders(config_path: str, ckpt: str) -> dict[str, Any]:
         embedder.load_state_dict(fitting, strict=False)
         encoders[name] = embedder.eval()
     return encoders
-
-
-def nearest_words(embedder: Any, vectors: torch.Tensor, top: int) -> list[list[tuple[str, float]]]:
-    table = torch.nn.functional.normalize(embedder.token_embedding.weight.detach().float(), dim=-1)
-    sims = torch.nn.functional.normalize(vectors.float(), dim=-1) @ table.T
-    values, ids = sims.topk(min(top, table.shape[0]), dim=-1)
-    return [
-        [(word.replace("</w>", ""), float(v)) for word, v in zip(embedder.decode_ids(row_ids.tolist()), row_values)]
-        for row_values, row_ids in zip(values, ids)
-    ]
 
 
 def tokenizer_kind(opt: argparse.Namespace, loaded: LoadedEmbeddings) -> str | None:

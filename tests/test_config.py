@@ -25,6 +25,7 @@ def test_the_train_cli_path_still_works():
         ("model.base_learnin_rate=1", ["no key 'base_learnin_rate' under model", "did you mean 'base_learning_rate'"]),
         ("modle.params.foo=1", ["no key 'modle' under the top level", "did you mean 'model'"]),
         ("model.params.first_stage_config.params.factr=4", ["SpaceToDepthFirstStage", "did you mean 'factor'"]),
+        ("lightning.callbacks.image_logger.params.batch_frequncy=5", ["ImageLogger", "did you mean 'batch_frequency'"]),
     ],
 )
 def test_a_mistyped_override_names_the_key_and_the_closest(override, needles):
@@ -42,6 +43,8 @@ def test_a_mistyped_override_names_the_key_and_the_closest(override, needles):
         ("lightning.trainer.max_epochs=2", "lightning.trainer.max_epochs", 2),
         ("data.params.validation.target=ldm.data.personalized.PersonalizedBase", "data.params.validation.target", "ldm.data.personalized.PersonalizedBase"),
         ("model.params.unet_config.params.channel_mult=[1,2]", "model.params.unet_config.params.channel_mult", [1, 2]),
+        # a new callback: lightning.callbacks holds names the user chooses
+        ("lightning.callbacks.det.target=ldm.train.validation.DeterministicLoss", "lightning.callbacks.det.target", "ldm.train.validation.DeterministicLoss"),
     ],
 )
 def test_existing_keys_and_parameters_the_class_takes_are_accepted(override, key, value):

@@ -171,3 +171,15 @@ def test_wrong_width_is_refused(bert, tmp_path):
     m = EmbeddingManager(bert, ["*"], ["dog"])
     with pytest.raises(EmbeddingFileError, match="768"):
         m.load(tmp_path / "sd.pt")
+
+
+def test_init_noise_starts_the_vectors_apart_and_keeps_the_init_word_as_reference(bert):
+    torch.manual_seed(0)
+    m = EmbeddingManager(bert, ["*"], ["dog"], num_vectors_per_token=2, init_noise=0.1)
+    start, word = m.string_to_param_dict["*"].detach(), m.initial_embeddings["*"]
+    assert torch.equal(word[0], word[1]) and not torch.equal(start[0], start[1])
+    relative = (start - word).pow(2).mean(-1).sqrt() / word.pow(2).mean(-1).sqrt()
+    assert ((relative > 0.05) & (relative < 0.2)).all()
+    torch.manual_seed(0)
+    again = EmbeddingManager(bert, ["*"], ["dog"], num_vectors_per_token=2, init_noise=0.1)
+    assert torch.equal(again.string_to_param_dict["*"], m.string_to_param_dict["*"])  # the seed decides the noise

@@ -52,10 +52,15 @@ class EmbeddingManager(nn.Module):
         num_vectors_per_token: int = 1,
         progressive_words: bool = False,
         embedding_manager_ckpt: str | None = None,
+        init_noise: float = 0.0,
         **kwargs: Any,
     ) -> None:
         """``embedding_manager_ckpt`` (an embedding file to start from) is loaded by the model once the manager is
-        built (:meth:`ldm.models.diffusion.ddpm.LatentDiffusion.setup_personalization`), so it is only named here."""
+        built (:meth:`ldm.models.diffusion.ddpm.LatentDiffusion.setup_personalization`), so it is only named here.
+
+        ``init_noise`` > 0 starts each vector at its init-word row plus Gaussian noise of that size relative to the
+        row's RMS (drawn from torch's generator, so ``--seed`` decides it): the vectors of a multi-vector word then
+        start apart instead of all at the same word. The context regulariser still compares with the init word."""
         super().__init__()
         self.embedder = [embedder]  # a list keeps the (frozen) encoder out of this module's parameters
         self.string_to_token_dict: dict[str, torch.Tensor] = {}
@@ -73,6 +78,9 @@ class EmbeddingManager(nn.Module):
             if idx < len(init_words) and init_words[idx]:
                 vectors = self.initial_vectors(init_words[idx], num_vectors_per_token)
                 self.initial_embeddings[placeholder] = nn.Parameter(vectors.clone(), requires_grad=False)
+                if init_noise > 0:
+                    rms = vectors.pow(2).mean(dim=-1, keepdim=True).sqrt()
+                    vectors = vectors + init_noise * rms * torch.randn(vectors.shape)
             else:
                 vectors = torch.rand(num_vectors_per_token, embedder.embed_dim)
             self.string_to_param_dict[placeholder] = nn.Parameter(vectors, requires_grad=True)

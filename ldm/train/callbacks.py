@@ -16,8 +16,9 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import atomic_torch_save
-from ldm.data.images import save_image_grid
+from ldm.data.images import make_grid, save_image_grid
 from ldm.io import atomic_write, atomic_write_text
+from ldm.train.monitoring import log_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class ImageLogger(pl.Callback):
                 grid = grid.clamp(-1.0, 1.0)
             name = f"{key}_gs-{pl_module.global_step:06}_e-{pl_module.current_epoch:06}_b-{batch_idx:06}.jpg"
             save_image_grid(grid, root / name, nrow=4, signed=self.rescale)
+            log_image_grid(trainer, f"{split}/{key}", make_grid((grid + 1.0) / 2.0 if self.rescale else grid, nrow=4), pl_module.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log_img(trainer, pl_module, batch, batch_idx, split="train")

@@ -1,0 +1,85 @@
+"""Best of several starts: an inversion can settle in a local optimum (in the shapes world, the second vector of a
+two-vector word ends near "on" and the shape is lost, whatever the number of steps), and which one it finds depends
+on the start. This callback trains ``candidates`` starts one after another within the run's step budget, each from
+the init word plus fresh noise, and keeps the one with the lowest deterministic loss (:mod:`ldm.train.validation`).
+
+A candidate ends when DVAR (:mod:`ldm.train.early_stopping`, if configured) says its loss has flattened, or after
+``max_steps / candidates`` steps. The optimizer's state is cleared between candidates, so each starts as a fresh run.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from ldm.train.early_stopping import DVAREarlyStopping
+from ldm.errors import ConfigError
+from ldm.train.validation import DeterministicLoss
+
+logger = logging.getLogger(__name__)
+
+
+class BestOfRestarts(pl.Callback):
+    """Train ``candidates`` starts in turn and keep the lowest deterministic loss (mean of its last ``score_evals``
+    evaluations). ``noise`` is the relative size of the noise added to the init word for every start after the first
+    (the first keeps the start the model was built with)."""
+
+    def __init__(self, candidates: int = 3, noise: float = 0.1, score_evals: int = 5) -> None:
+        super().__init__()
+        if candidates < 1 or score_evals < 1:
+            raise ConfigError("BestOfRestarts needs candidates >= 1 and score_evals >= 1")
+        self.candidates, self.noise, self.score_evals = candidates, noise, score_evals
+        self.results: list[tuple[float, int, dict[str, torch.Tensor]]] = []
+        self.start_step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.source = next((cb for cb in trainer.callbacks if isinstance(cb, DeterministicLoss)), None)
+        if self.source is None:
+            raise ConfigError("BestOfRestarts needs the deterministic loss: add ldm.train.validation.DeterministicLoss "
+                              "to lightning.callbacks (before it)")
+        self.dvar = next((cb for cb in trainer.callbacks if isinstance(cb, DVAREarlyStopping)), None)
+        self.budget = max(1, trainer.max_steps // self.candidates) if trainer.max_steps and trainer.max_steps > 0 else None
+        self.results, self.start_step = [], trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        last = trainer.max_steps is not None and 0 < trainer.max_steps <= step
+        out_of_budget = self.budget is not None and step - self.start_step >= self.budget
+        if not (trainer.should_stop or out_of_budget or last) or len(self.results) >= self.candidates:
+            return
+        if not self.source.history or self.source.history[-1][0] != step:
+            self.source.record(trainer, pl_module)
+        manager = pl_module.embedding_manager
+        score = sum(v for _, v in self.source.history[-self.score_evals:]) / len(self.source.history[-self.score_evals:])
+        self.results.append((score, step, {k: v.detach().clone() for k, v in manager.string_to_param_dict.items()}))
+        logger.info("start %d of %d: deterministic loss %.5f after %d steps", len(self.results), self.candidates, score,
+                    step - self.start_step)
+        if len(self.results) < self.candidates and not last:
+            trainer.should_stop = False
+            self.restart(trainer, pl_module)
+            return
+        best = min(range(len(self.results)), key=lambda k: self.results[k][0])
+        with torch.no_grad():
+            for name, vectors in self.results[best][2].items():
+                manager.string_to_param_dict[name].copy_(vectors)
+        trainer.should_stop = True
+        logger.info("keeping start %d of %d (deterministic loss %.5f; the others %s)", best + 1, len(self.results),
+                    self.results[best][0], ", ".join(f"{r[0]:.5f}" for k, r in enumerate(self.results) if k != best))
+
+    def restart(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """New vectors (init word + noise), a fresh optimizer state, and fresh loss histories."""
+        manager = pl_module.embedding_manager
+        with torch.no_grad():
+            for name, param in manager.string_to_param_dict.items():
+                start = manager.initial_embeddings[name] if name in manager.initial_embeddings else param
+                rms = start.pow(2).mean(dim=-1, keepdim=True).sqrt()
+                param.copy_(start + self.noise * rms * torch.randn(start.shape, device=start.device, dtype=start.dtype))
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
+        self.start_step = trainer.global_step
+        self.source.history = []
+        self.source.record(trainer, pl_module)
+        if self.dvar is not None:
+            self.dvar.reset()

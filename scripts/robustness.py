@@ -1,0 +1,272 @@
+"""How often does an inversion succeed? Runs ``main.py`` over seeds x picture sets, judges every learned word in the
+shapes world, and writes the JSON, a markdown table and a plot.
+
+    python scripts/robustness.py --concept orange_cross pink_background --seeds 1 2 3 4 5 \
+        --sets shipped 101 102 103 --outdir outputs/robustness
+
+* picture sets: ``shipped`` is the concept folder under ``models/shapes/concepts``; a number ``S`` is a new set of
+  five pictures drawn by :func:`ldm.data.shapes.concept_scenes` with generator seed ``S`` (the shipped folders'
+  parameters: size, offsets, backgrounds, caption files), written by this tool into ``<outdir>/sets`` (the same
+  pictures on every machine);
+* runs: the shipped command of each concept (``configs/shapes/shapes-ldm-finetune.yaml``; the pink background adds
+  ``background-templates.yaml`` and learns ``&`` from "white"), ``--seed`` per run, ``--jobs`` at a time, one torch
+  thread each; extra ``key=value`` overrides after ``--`` are passed to every run (to compare remedies);
+* judging (:mod:`evaluation.shapes_eval`, DDIM 20 steps, guidance 3, ``--samples`` per prompt):
+  - orange cross ``*``: reconstruction = share of "a photo of a *" judged an orange cross; editability = share of
+    "a photo of a * on a blue/green background" judged an orange cross on that background (mean of the two);
+  - pink background ``&``: reconstruction = share of "a photo of a shape on a & background" drawn on pink;
+    editability = share of "a photo of a <colour> <shape> on a & background" (random named objects) drawn on pink;
+  - a run succeeds when reconstruction >= 90% and editability >= 85%.
+
+A run whose ``result.json`` exists is not run again, so the command can be resumed and re-tabulated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("robustness")
+
+CKPT = "models/shapes/model.ckpt"
+INFERENCE_CONFIG = "configs/shapes/shapes-ldm-inference.yaml"
+RECON_MIN, EDIT_MIN = 0.90, 0.85
+
+
+@dataclass(frozen=True)
+class Concept:
+    """How one shipped concept is inverted and judged."""
+
+    name: str
+    configs: tuple[str, ...]
+    placeholder: str
+    init_word: str
+
+
+CONCEPTS = {
+    "orange_cross": Concept("orange_cross", ("configs/shapes/shapes-ldm-finetune.yaml",), "*", "shape"),
+    "pink_background": Concept("pink_background", ("configs/shapes/shapes-ldm-finetune.yaml",
+                                                   "configs/shapes/background-templates.yaml"), "&", "white"),
+}
+
+
+@dataclass
+class RunResult:
+    """One inversion and its judgement."""
+
+    concept: str
+    picture_set: str
+    seed: int
+    reconstruction: float
+    editability: float
+    success: bool
+    wall_s: float
+    steps: int
+    samples: int
+    embedding: str
+    details: dict
+
+
+def picture_folder(concept: str, picture_set: str, outdir: Path) -> Path:
+    """The shipped folder, or a new set drawn with generator seed ``picture_set`` (written once, deterministic)."""
+    if picture_set == "shipped":
+        return ROOT / "models/shapes/concepts" / concept
+    from ldm.data.shapes import concept_filewords, concept_scenes, write_concept
+
+    folder = outdir / "sets" / f"{concept}_{picture_set}"
+    if not (folder / "04.png").exists():
+        scenes = concept_scenes(concept, 5, seed=int(picture_set))
+        write_concept(folder, scenes, 32, filewords=[concept_filewords(concept, s) for s in scenes])
+    return folder
+
+
+def run_id(concept: str, picture_set: str, seed: int) -> str:
+    return f"{concept}_{picture_set}_s{seed}"
+
+
+def invert(concept: Concept, folder: Path, seed: int, rundir: Path, overrides: list[str]) -> tuple[float, Path, int]:
+    """Run ``main.py`` (one torch thread); returns its wall time, the embedding file and the step it stopped at."""
+    cmd = [sys.executable, str(ROOT / "main.py"), "--base", *concept.configs, "-t", "--actual_resume", CKPT,
+           "-n", rundir.name, "--data_root", str(folder), "--init_word", concept.init_word, "--seed", str(seed),
+           "-l", str(rundir / "logs"), "--placeholder_string", concept.placeholder, "--no-test", "true", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    shutil.rmtree(rundir / "logs", ignore_errors=True)  # what an interrupted earlier try left (it has no result.json)
+    rundir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(rundir / "main.log", "w") as log:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"main.py failed (exit {done.returncode}); see {rundir / 'main.log'}")
+    embedding = max((rundir / "logs").glob("*/checkpoints/embeddings.pt"), key=lambda p: p.stat().st_mtime)
+    import torch
+
+    steps = int(torch.load(embedding, weights_only=True).get("step", -1)) + 1  # files number the last batch's index
+    return wall, embedding, steps
+
+
+def judge(concept: str, embedding: Path, samples: int) -> dict:
+    """Reconstruction and editability of the learned word (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    from evaluation.shapes_eval import SampleSettings, ShapesJudgeEvaluator, TEMPLATE
+    from ldm.data.shapes import UNNAMED_BACKGROUND
+    from ldm.inference import load_model_from_config
+
+    torch.set_num_threads(1)
+    model = load_model_from_config(INFERENCE_CONFIG, ROOT / CKPT, "cpu", embedding_path=embedding)
+    evaluator = ShapesJudgeEvaluator(model, SampleSettings(n_samples=samples, batch_size=samples))
+    if concept == "orange_cross":
+        scores = evaluator.word_scores("learned", "*")
+        return {"reconstruction": scores.reconstruction, "editability": scores.editability, "edits": scores.edits}
+    got = evaluator.judged(f"{TEMPLATE.format('shape')} on a & background")
+    recon = float(np.mean([j.background == UNNAMED_BACKGROUND for j in got]))
+    return {"reconstruction": recon, "editability": evaluator.background_share(" on a & background", n=samples)}
+
+
+def one_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples: int, overrides: list[str]) -> RunResult:
+    rundir = outdir / "runs" / run_id(concept.name, picture_set, seed)
+    saved = rundir / "result.json"
+    if saved.exists():
+        return RunResult(**json.loads(saved.read_text()))
+    folder = picture_folder(concept.name, picture_set, outdir)
+    wall, embedding, steps = invert(concept, folder, seed, rundir, overrides)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--judge", concept.name, str(embedding), "--samples", str(samples)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    scores = json.loads(subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    recon, edit = scores.pop("reconstruction"), scores.pop("editability")
+    result = RunResult(concept.name, picture_set, seed, recon, edit, recon >= RECON_MIN and edit >= EDIT_MIN, round(wall, 1),
+                       steps, samples, str(embedding.relative_to(outdir)), scores)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(result), indent=2))
+    os.replace(tmp, saved)
+    logger.info("%s: reconstruction %.0f%%, editability %.0f%%, %s, %.0f s, %d steps", rundir.name, 100 * recon,
+                100 * edit, "success" if result.success else "FAILED", wall, steps)
+    return result
+
+
+def guarded_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples: int, overrides: list[str]) -> RunResult:
+    """:func:`one_run`; a run that crashes counts as a failed run (not saved, so the next call tries it again)."""
+    try:
+        return one_run(concept, picture_set, seed, outdir, samples, overrides)
+    except (RuntimeError, subprocess.CalledProcessError, ValueError) as exc:
+        logger.error("%s: %s", run_id(concept.name, picture_set, seed), exc)
+        return RunResult(concept.name, picture_set, seed, 0.0, 0.0, False, 0.0, 0, samples, "", {"error": str(exc)})
+
+
+def summary(results: list[RunResult]) -> dict:
+    by_concept: dict[str, dict] = {}
+    for name in dict.fromkeys(r.concept for r in results):
+        rows = [r for r in results if r.concept == name]
+        by_concept[name] = {
+            "runs": len(rows), "successes": sum(r.success for r in rows),
+            "success_rate": sum(r.success for r in rows) / len(rows),
+            "median_wall_s": statistics.median(r.wall_s for r in rows),
+            "median_steps": statistics.median(r.steps for r in rows),
+            "failed": [run_id(r.concept, r.picture_set, r.seed) for r in rows if not r.success],
+        }
+    return by_concept
+
+
+def markdown_table(results: list[RunResult], totals: dict) -> str:
+    lines = ["| concept | picture set | seed | reconstruction | editability | success | steps | wall time (s) |",
+             "| --- | --- | ---: | ---: | ---: | :---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| {r.concept} | {r.picture_set} | {r.seed} | {r.reconstruction:.0%} | {r.editability:.0%} | "
+                     f"{'yes' if r.success else '**no**'} | {r.steps} | {r.wall_s:.0f} |")
+    lines.append("")
+    for name, t in totals.items():
+        lines.append(f"- {name}: {t['successes']}/{t['runs']} runs succeed ({t['success_rate']:.0%}); median wall time "
+                     f"{t['median_wall_s']:.0f} s, median {t['median_steps']:.0f} steps")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concepts = list(dict.fromkeys(r.concept for r in results))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for k, name in enumerate(concepts):
+        rows = [r for r in results if r.concept == name]
+        rate = sum(r.success for r in rows) / len(rows)
+        axes[0].scatter([r.editability for r in rows], [r.reconstruction for r in rows], alpha=0.6,
+                        marker="os^D"[k % 4], label=f"{name}: {rate:.0%} of {len(rows)} succeed")
+        axes[1].scatter([r.steps for r in rows], [r.wall_s for r in rows], alpha=0.6, marker="os^D"[k % 4], label=name)
+    axes[0].axhline(RECON_MIN, color="gray", lw=0.8, ls="--")
+    axes[0].axvline(EDIT_MIN, color="gray", lw=0.8, ls="--")
+    axes[0].set(xlabel="editability", ylabel="reconstruction", xlim=(-0.05, 1.05), ylim=(-0.05, 1.05),
+                title="per run (success: upper right box)")
+    axes[0].legend(fontsize=8, loc="lower left")
+    axes[1].set(xlabel="steps trained", ylabel="wall time (s, one thread)", title="time per run")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--concept", nargs="+", choices=sorted(CONCEPTS), default=["orange_cross", "pink_background"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="inversion seeds (main.py --seed)")
+    p.add_argument("--sets", nargs="+", default=["shipped", "101", "102", "103"],
+                   help="picture sets: 'shipped' or a generator seed for a new set of five pictures")
+    p.add_argument("--samples", type=int, default=32, help="samples per judged prompt")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--outdir", default="outputs/robustness")
+    p.add_argument("--report", action="store_true", help="only tabulate the runs already done (their result.json)")
+    p.add_argument("--judge", nargs=2, metavar=("CONCEPT", "EMBEDDING"), help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every run (after --)")
+    opt = p.parse_args(argv)
+    for s in opt.sets:
+        if s != "shipped" and not s.isdigit():
+            p.error(f"--sets: '{s}' is neither 'shipped' nor a generator seed (a whole number)")
+    return opt
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    opt = parse_args(argv)
+    if opt.judge:
+        logging.disable(logging.WARNING)
+        print(json.dumps(judge(opt.judge[0], Path(opt.judge[1]), opt.samples)))
+        return
+    outdir = Path(opt.outdir).resolve()
+    # seed by seed, so that a sweep cut short has covered every concept and picture set equally
+    jobs = [(CONCEPTS[c], s, seed) for seed in opt.seeds for s in opt.sets for c in opt.concept]
+    if opt.report:
+        saved = [outdir / "runs" / run_id(c.name, s, seed) / "result.json" for c, s, seed in jobs]
+        results = [RunResult(**json.loads(path.read_text())) for path in saved if path.exists()]
+        if not results:
+            raise SystemExit(f"--report: no finished runs under {outdir / 'runs'}")
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, opt.jobs)) as pool:
+            results = list(pool.map(lambda job: guarded_run(*job, outdir, opt.samples, opt.overrides), jobs))
+    results.sort(key=lambda r: (opt.concept.index(r.concept), opt.sets.index(r.picture_set), r.seed))
+    totals = summary(results)
+    payload = {"command": sys.argv, "overrides": opt.overrides, "samples": opt.samples, "summary": totals,
+               "runs": [asdict(r) for r in results]}
+    (outdir / "results.json").write_text(json.dumps(payload, indent=2))
+    (outdir / "table.md").write_text(markdown_table(results, totals))
+    plot(results, outdir / "robustness.png")
+    print(markdown_table(results, totals))
+    print(f"results: {outdir / 'results.json'}  table: {outdir / 'table.md'}  plot: {outdir / 'robustness.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Best of several starts: each start trains from the init word plus noise, and the lowest deterministic loss wins."""
+import pytorch_lightning as pl
+import torch
+
+from ldm.train.restarts import BestOfRestarts
+from ldm.train.validation import DeterministicLoss, deterministic_loss
+from test_validation import StepRecorder, build, tiny  # noqa: F401  (tiny is a fixture)
+
+
+def test_keeps_the_start_with_the_lowest_deterministic_loss(tiny):
+    pl.seed_everything(5, workers=True)
+    model, data = build(tiny)
+    watcher, restarts, recorder = DeterministicLoss(every_n_steps=2, batch_size=4), BestOfRestarts(candidates=3, noise=0.5, score_evals=1), StepRecorder()
+    trainer = pl.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[watcher, restarts, recorder])
+    trainer.fit(model, data)
+    assert [step for _, step, _ in restarts.results] == [4, 8, 12]  # the budget split three ways
+    scores = [score for score, _, _ in restarts.results]
+    assert len(set(scores)) == 3
+    best = restarts.results[scores.index(min(scores))]
+    kept = model.embedding_manager.string_to_param_dict["*"].detach()
+    assert torch.equal(kept, best[2]["*"])
+    # each start began away from the others: the vectors right after each restart differ from the init word by the noise
+    init = model.embedding_manager.initial_embeddings["*"]
+    assert not torch.allclose(recorder.vectors[4], init, atol=1e-3) and not torch.equal(recorder.vectors[4], recorder.vectors[8])
+    batch = watcher.batch
+    assert abs(deterministic_loss(model, batch) - min(scores)) < 1e-12
