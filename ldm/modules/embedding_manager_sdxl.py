@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.errors import ConfigError
 from ldm.modules.embedding_formats import SDXL_HALVES, check_sdxl_widths, read_embeddings, save_sdxl, save_sdxl_original, sdxl_payload
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.modules.placeholders import Vocabulary
@@ -44,7 +45,7 @@ class SDXLEmbeddingManager(nn.Module):
                       num_vectors_per_token=num_vectors_per_token, progressive_words=progressive_words)
         text = embedder.text_embedders()
         if len(text) != len(SDXL_HALVES):
-            raise ValueError(f"an SDXL conditioner has {len(SDXL_HALVES)} text encoders (input_key: txt); this one has {len(text)}")
+            raise ConfigError(f"an SDXL conditioner has {len(SDXL_HALVES)} text encoders (input_key: txt); this one has {len(text)}")
         self.embedder_indices = [index for index, _ in text]
         self.halves = nn.ModuleDict({name: EmbeddingManager(encoder, **kwargs) for name, (_, encoder) in zip(SDXL_HALVES, text)})
 

@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 
 from ldm.data.personalized import FILEWORDS
+from ldm.errors import ConfigError
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class DeterministicLoss(pl.Callback):
     def __init__(self, every_n_steps: int = 10, batch_size: int = 8, seed: int = 0) -> None:
         super().__init__()
         if every_n_steps < 1 or batch_size < 1:
-            raise ValueError("DeterministicLoss needs every_n_steps >= 1 and batch_size >= 1")
+            raise ConfigError("DeterministicLoss needs every_n_steps >= 1 and batch_size >= 1")
         self.every_n_steps, self.batch_size, self.seed = every_n_steps, batch_size, seed
         self.batch: FixedBatch | None = None
         self.history: list[tuple[int, float]] = []

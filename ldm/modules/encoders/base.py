@@ -25,6 +25,7 @@ class AbstractEncoder(nn.Module):
     """Base class of the conditioning encoders."""
 
     def encode(self, *args, **kwargs):
+        """Abstract (as upstream): each encoder defines what it encodes to."""
         raise NotImplementedError
 
 
@@ -32,6 +33,7 @@ class _TextEmbedder(AbstractEncoder):
     """What both text embedders share: device following, tokenizer access and the uniform helper API."""
 
     def _loaded_tokenizer(self) -> LoadedTokenizer:
+        """Abstract: each embedder names its tokenizer (BERT, CLIP, OpenCLIP's zero-padded CLIP)."""
         raise NotImplementedError
 
     @property

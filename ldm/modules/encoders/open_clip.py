@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm.errors import ConfigError
 from ldm.modules.encoders.base import EmbeddingManagerFn, TextInput, _TextEmbedder
 from ldm.modules.encoders.tokenizers import CLIP_HUB_ID, LoadedTokenizer, load_clip_tokenizer
 
@@ -59,7 +60,7 @@ def text_spec(arch: str, text_config: Mapping | None = None) -> OpenCLIPTextSpec
         return OpenCLIPTextSpec(**dict(text_config))
     if arch not in OPEN_CLIP_TEXT_ARCHS:
         known = ", ".join(OPEN_CLIP_TEXT_ARCHS)
-        raise ValueError(f"unknown OpenCLIP arch '{arch}' (known: {known}); or give text_config: {{width, heads, layers, embed_dim}}")
+        raise ConfigError(f"unknown OpenCLIP arch '{arch}' (known: {known}); or give text_config: {{width, heads, layers, embed_dim}}")
     return OPEN_CLIP_TEXT_ARCHS[arch]
 
 
@@ -196,7 +197,7 @@ class FrozenOpenCLIPEmbedder(_TextEmbedder):
     ) -> None:
         super().__init__()
         if layer not in self.LAYERS:
-            raise ValueError(f"FrozenOpenCLIPEmbedder layer must be one of {self.LAYERS}, not '{layer}'")
+            raise ConfigError(f"FrozenOpenCLIPEmbedder layer must be one of {self.LAYERS}, not '{layer}'")
         self.arch = arch
         self.version = version
         self.layer = layer

@@ -23,6 +23,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ldm.errors import ConfigError
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.modules.encoders.base import EmbeddingManagerFn, TextInput
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder as _SDv1CLIPEmbedder
@@ -55,11 +56,11 @@ class FrozenCLIPEmbedder(_SDv1CLIPEmbedder):
     ) -> None:
         super().__init__(version, device, max_length, tokenizer_path, text_config)
         if layer not in self.LAYERS:
-            raise ValueError(f"FrozenCLIPEmbedder layer must be one of {self.LAYERS}, not '{layer}'")
+            raise ConfigError(f"FrozenCLIPEmbedder layer must be one of {self.LAYERS}, not '{layer}'")
         if layer == "hidden":
             n_layers = self.transformer.text_model.config.num_hidden_layers
             if layer_idx is None or not 0 <= layer_idx <= n_layers:
-                raise ValueError(f'layer "hidden" needs layer_idx in 0..{n_layers} (the hidden state to return)')
+                raise ConfigError(f'layer "hidden" needs layer_idx in 0..{n_layers} (the hidden state to return)')
         self.layer = layer
         self.layer_idx = layer_idx
         self.return_pooled = always_return_pooled
@@ -103,7 +104,7 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
     ) -> None:
         super().__init__(arch, version, device, max_length, freeze, layer, text_config, tokenizer_path)
         if always_return_pooled and legacy:
-            raise ValueError("FrozenOpenCLIPEmbedder2: always_return_pooled needs legacy: False")
+            raise ConfigError("FrozenOpenCLIPEmbedder2: always_return_pooled needs legacy: False")
         self.return_pooled = always_return_pooled
         self.legacy = legacy
 
@@ -153,7 +154,7 @@ class GeneralConditioner(nn.Module):
             embedder.is_trainable = bool(config.get("is_trainable", False))
             embedder.ucg_rate = float(config.get("ucg_rate", 0.0))
             if config.get("legacy_ucg_val", None) is not None:
-                raise ValueError(f"emb_models[{n}]: legacy_ucg_val is not supported; use ucg_rate")
+                raise ConfigError(f"emb_models[{n}]: legacy_ucg_val is not supported; use ucg_rate")
             if "input_key" in config:
                 embedder.input_keys = [config["input_key"]]
             elif "input_keys" in config:
