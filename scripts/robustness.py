@@ -2,7 +2,7 @@
 shapes world, and writes the JSON, a markdown table and a plot.
 
     python scripts/robustness.py --concept orange_cross pink_background --seeds 1 2 3 4 5 \
-        --sets shipped 101 102 103 --outdir outputs/robustness
+        --sets shipped 1 103 104 --outdir outputs/robustness
 
 * picture sets: ``shipped`` is the concept folder under ``models/shapes/concepts``; a number ``S`` is a new set of
   five pictures drawn by :func:`ldm.data.shapes.concept_scenes` with generator seed ``S`` (the shipped folders'
@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -117,6 +118,18 @@ def invert(concept: Concept, folder: Path, seed: int, rundir: Path, overrides: l
     return wall, embedding, steps
 
 
+START_LINE = re.compile(r"start (\d+) of \d+: deterministic loss ([0-9.]+) after (\d+) steps")
+KEPT_LINE = re.compile(r"keeping start (\d+) of")
+
+
+def starts_from_log(log: str) -> dict:
+    """Each start's final deterministic loss and length, and which start was kept, as ``BestOfRestarts`` logged them
+    (empty for a run without restarts)."""
+    starts = [{"loss": float(loss), "steps": int(steps)} for _, loss, steps in START_LINE.findall(log)]
+    kept = KEPT_LINE.search(log)
+    return {"starts": starts, "kept": int(kept.group(1)) if kept else None} if starts else {}
+
+
 def judge(concept: str, embedding: Path, samples: int) -> dict:
     """Reconstruction and editability of the learned word (see the module docstring)."""
     import numpy as np
@@ -148,6 +161,7 @@ def one_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     scores = json.loads(subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     recon, edit = scores.pop("reconstruction"), scores.pop("editability")
+    scores.update(starts_from_log((rundir / "main.log").read_text(errors="replace")))
     result = RunResult(concept.name, picture_set, seed, recon, edit, recon >= RECON_MIN and edit >= EDIT_MIN, round(wall, 1),
                        steps, samples, str(embedding.relative_to(outdir)), scores)
     tmp = saved.with_suffix(".tmp")
@@ -224,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concept", nargs="+", choices=sorted(CONCEPTS), default=["orange_cross", "pink_background"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="inversion seeds (main.py --seed)")
-    p.add_argument("--sets", nargs="+", default=["shipped", "101", "102", "103"],
+    p.add_argument("--sets", nargs="+", default=["shipped", "1", "103", "104"],
                    help="picture sets: 'shipped' or a generator seed for a new set of five pictures")
     p.add_argument("--samples", type=int, default=32, help="samples per judged prompt")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")

@@ -44,3 +44,13 @@ def test_a_set_that_is_neither_shipped_nor_a_seed_is_refused(capsys):
     with pytest.raises(SystemExit):
         robustness.parse_args(["--sets", "shipped", "new"])
     assert "--sets: 'new'" in capsys.readouterr().err
+
+
+def test_each_start_and_the_kept_one_are_read_from_the_run_log():
+    log = ("Epoch 1: 50%| ...\nstart 1 of 3: deterministic loss 0.02905 after 530 steps\n"
+           "start 2 of 3: deterministic loss 0.02751 after 520 steps\nstart 3 of 3: deterministic loss 0.02912 after 800 steps\n"
+           "keeping start 2 of 3 (deterministic loss 0.02751; the others 0.02905, 0.02912)\n")
+    got = robustness.starts_from_log(log)
+    assert got["kept"] == 2
+    assert got["starts"] == [{"loss": 0.02905, "steps": 530}, {"loss": 0.02751, "steps": 520}, {"loss": 0.02912, "steps": 800}]
+    assert robustness.starts_from_log("Epoch 1: no restarts configured\n") == {}
