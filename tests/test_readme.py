@@ -229,6 +229,30 @@ def test_made_up_flags_and_missing_files_are_caught():
     assert problems(Command("t", "main.py", placeholders)) == []
 
 
+def heading_anchors(path: Path) -> set[str]:
+    """The anchors GitHub makes of ``path``'s headings: lower case, punctuation dropped, spaces as hyphens."""
+    anchors = set()
+    for line in re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S).splitlines():
+        if line.startswith("#") and not line.startswith("#!"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_links_and_images_resolve(doc):
+    """The notes moved from the README into docs/: every relative link and image must still reach its file and heading."""
+    text = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        file, _, anchor = target.partition("#")
+        path = (doc.parent / file).resolve() if file else doc
+        assert path.exists(), f"{doc.name}: {target}"
+        if anchor and path.suffix == ".md":
+            assert anchor in heading_anchors(path), f"{doc.name}: {target}"
+
+
 def test_code_blocks_are_read_as_shell():
     text = "x\n```\npython main.py --base configs/a.yaml \\\n    -t  # comment\n```\n`python main.py --nope`\n"
     assert code_block_lines(text) == [(3, "python main.py --base configs/a.yaml      -t  # comment")]
