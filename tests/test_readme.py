@@ -190,7 +190,7 @@ def problems(cmd: Command) -> list[str]:
 ALL_COMMANDS = [cmd for doc in DOCUMENTS for cmd in commands_in(doc)]
 
 
-def test_the_readme_has_every_family_s_commands():
+def test_the_readme_has_commands_for_every_family():
     readme = commands_in(REPO / "README.md")
     scripts = {cmd.script for cmd in readme}
     assert {"main.py", "scripts/txt2img.py", "scripts/stable_txt2img.py", "merge_embeddings.py"} <= scripts
@@ -201,7 +201,7 @@ def test_the_readme_has_every_family_s_commands():
         assert any(c.startswith(family) for c in configs), family
 
 
-def test_the_original_s_commands_are_still_there():
+def test_the_originals_commands_are_still_there():
     readme = commands_in(REPO / "README.md")
     for script, flags in ORIGINAL_COMMANDS.items():
         assert any(cmd.script == script and flags <= set(cmd.args) for cmd in readme), script
