@@ -25,7 +25,7 @@ from unittest import mock
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "models" / "shapes" / "README.md"]
 CHECKED_ROOTS = ("configs/", "models/", "tests/", "scripts/", "ldm/", "evaluation/", "docs/")
 OUTPUT_FLAGS = {"--outdir", "--output_path", "--out", "-l", "--logdir"}
 PYTHONS = {"python", "python3", ".venv/bin/python"}
