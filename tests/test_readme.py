@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import functools
 import io
+import logging
 import re
 import runpy
 import shlex
@@ -102,7 +103,8 @@ def _capture(self: argparse.ArgumentParser, *args, **kwargs):
 
 @functools.lru_cache(maxsize=None)
 def script_parser(script: str) -> argparse.ArgumentParser:
-    """The argument parser ``script`` builds, taken at the moment it would parse ``sys.argv``."""
+    """The argument parser ``script`` builds, taken at the moment it would parse ``sys.argv`` (the script's logging
+    set-up, which comes first in some, is not run: it would change the test process's root logger)."""
     if script == "main.py":
         from ldm.train.cli import get_parser
 
@@ -110,6 +112,7 @@ def script_parser(script: str) -> argparse.ArgumentParser:
     path = REPO / SHELL_SCRIPTS.get(script, script)
     with mock.patch.object(argparse.ArgumentParser, "parse_args", _capture), \
             mock.patch.object(argparse.ArgumentParser, "parse_known_args", _capture), \
+            mock.patch.object(logging, "basicConfig"), \
             mock.patch.object(sys, "argv", [str(path)]), mock.patch.object(sys, "path", list(sys.path)):
         try:
             runpy.run_path(str(path), run_name="__main__")
