@@ -2,7 +2,6 @@
 ldm/diffusers_export.py (diffusers' own converters), as a diffusers pipeline, computes the same text-encoder states,
 UNet output and VAE decode on the same inputs, to float32 round-off; scripts/convert_to_diffusers.py writes a folder
 that from_pretrained opens offline."""
-from pathlib import Path
 
 import pytest
 import torch

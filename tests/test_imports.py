@@ -24,7 +24,7 @@ ROOMS: list[tuple[str, int]] = [
     ("scripts.embedding_tool", 6), ("scripts.evaluate_model", 6), ("scripts.export_ema_weights", 6), ("scripts.peer_step", 6),
     ("ldm.diffusers_export", 6), ("scripts.convert_to_diffusers", 6),
     ("ldm.train", 7),
-    ("main", 8), ("scripts.benchmark", 8), ("scripts.gpu_check", 8), ("scripts.robustness", 8),
+    ("main", 8), ("scripts.benchmark", 8), ("scripts.gpu_check", 8), ("scripts.robustness", 8), ("scripts.peer_invert", 8),
     ("ldm", 0),  # the package's own __init__ (empty)
 ]
 
