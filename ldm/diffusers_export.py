@@ -84,17 +84,25 @@ def _size_embedding_width(config: DictConfig) -> int:
     return widths.pop()
 
 
-def diffusers_unet(config: DictConfig, state: dict[str, torch.Tensor]) -> Any:
-    """diffusers' ``UNet2DConditionModel`` with the weights of ``model.diffusion_model.*``."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+def diffusers_unet_config(config: DictConfig) -> dict[str, Any]:
+    """The ``UNet2DConditionModel`` config of ``config``'s UNet (diffusers' helper; SDXL's size embedding made explicit)."""
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
 
-    unet_config = create_unet_diffusers_config_from_ldm(_plain(config), state)
+    unet_config = create_unet_diffusers_config_from_ldm(_plain(config), {})
     unet_config["sample_size"] = int(config.model.params.image_size)
     if model_family(config) == SDXL:
         unet_config.update(class_embed_type=None, addition_embed_type="text_time",
                            addition_time_embed_dim=_size_embedding_width(config),
                            projection_class_embeddings_input_dim=int(config.model.params.unet_config.params.adm_in_channels))
+    return unet_config
+
+
+def diffusers_unet(config: DictConfig, state: dict[str, torch.Tensor]) -> Any:
+    """diffusers' ``UNet2DConditionModel`` with the weights of ``model.diffusion_model.*``."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet_config = diffusers_unet_config(config)
     unet = UNet2DConditionModel(**unet_config)
     unet.load_state_dict(convert_ldm_unet_checkpoint(state, unet_config))
     return unet.eval()
@@ -119,10 +127,13 @@ def _flattened(model: Any, converted: dict[str, torch.Tensor]) -> dict[str, torc
     return {k.removeprefix("text_model."): v for k, v in converted.items()}
 
 
-def _clip_text_encoder(encoder: DictConfig, prefix: str, state: dict[str, torch.Tensor], sdxl: bool) -> Any:
-    """CLIP ViT-L as ``CLIPTextModel`` (SDXL: only if the config reads the penultimate layer, as diffusers does)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _is_open_clip(encoder: DictConfig) -> bool:
+    return not str(encoder.target).endswith("FrozenCLIPEmbedder")
+
+
+def _clip_text_config(encoder: DictConfig, sdxl: bool) -> Any:
+    """CLIP ViT-L's ``CLIPTextConfig`` (SDXL: only if the config reads the penultimate layer, as diffusers does)."""
+    from transformers import CLIPTextConfig
 
     from ldm.modules.encoders.modules import clip_text_config
     from ldm.modules.encoders.tokenizers import CLIP_HUB_ID
@@ -137,17 +148,13 @@ def _clip_text_encoder(encoder: DictConfig, prefix: str, state: dict[str, torch.
             f"the SDXL CLIP-L encoder reads layer {params.get('layer')} {params.get('layer_idx')}; diffusers' SDXL pipeline "
             f"reads the penultimate hidden state (layer: hidden, layer_idx: {text_config.num_hidden_layers - 1})"
         )
-    model = CLIPTextModel(text_config)
-    weights = _flattened(model, convert_ldm_clip_checkpoint(state, remove_prefix=prefix))
-    model.load_state_dict({k: v for k, v in weights.items() if not k.endswith("position_ids")})
-    return model
+    return text_config
 
 
-def _open_clip_text_encoder(encoder: DictConfig, prefix: str, state: dict[str, torch.Tensor], sdxl: bool) -> Any:
-    """An OpenCLIP text tower as ``CLIPTextModel`` without the skipped blocks (SD 2.x), or whole as
-    ``CLIPTextModelWithProjection`` (SDXL: diffusers reads its penultimate hidden state and its pooled projection)."""
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _open_clip_text_config(encoder: DictConfig, sdxl: bool) -> Any:
+    """An OpenCLIP text tower as a ``CLIPTextConfig``: without the blocks SD 2.x skips, whole for SDXL (diffusers reads
+    its penultimate hidden state and its pooled projection there)."""
+    from transformers import CLIPTextConfig
 
     from ldm.modules.encoders.open_clip import FrozenOpenCLIPEmbedder, text_spec
 
@@ -157,26 +164,41 @@ def _open_clip_text_encoder(encoder: DictConfig, prefix: str, state: dict[str, t
     skipped = FrozenOpenCLIPEmbedder.LAYERS.index(str(params.get("layer", "last")))
     if sdxl and (skipped != 1 or params.get("legacy", True)):
         raise ConfigError("the SDXL OpenCLIP encoder must read the penultimate layer with legacy: False, as diffusers' SDXL pipeline does")
-    cls = CLIPTextModelWithProjection if sdxl else CLIPTextModel
-    model = cls(CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=spec.vocab_size, hidden_size=spec.width, intermediate_size=int(spec.width * spec.mlp_ratio),
         num_hidden_layers=spec.layers - (0 if sdxl else skipped), num_attention_heads=spec.heads,
         max_position_embeddings=spec.context_length, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=spec.embed_dim,
         pad_token_id=0, bos_token_id=49406, eos_token_id=49407,
-    ))
-    wanted = model.state_dict()
-    converted = _flattened(model, convert_open_clip_checkpoint(model, state, prefix=prefix))
-    model.load_state_dict({k: v for k, v in converted.items() if k in wanted})
-    return model
+    )
+
+
+def text_encoder_configs(config: DictConfig) -> list[tuple[str, Any]]:
+    """``[(transformers class name, CLIPTextConfig)]`` of the text encoder(s), in diffusers' order."""
+    sdxl = model_family(config) == SDXL
+    found = []
+    for _, encoder in _text_entries(config):
+        if _is_open_clip(encoder):
+            found.append(("CLIPTextModelWithProjection" if sdxl else "CLIPTextModel", _open_clip_text_config(encoder, sdxl)))
+        else:
+            found.append(("CLIPTextModel", _clip_text_config(encoder, sdxl)))
+    return found
 
 
 def diffusers_text_encoders(config: DictConfig, state: dict[str, torch.Tensor]) -> list[Any]:
     """The text encoder(s) in diffusers' order (SDXL: CLIP-L, then OpenCLIP-bigG); see the module docstring."""
-    sdxl = model_family(config) == SDXL
+    import transformers
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
     encoders = []
-    for prefix, encoder in _text_entries(config):
-        build = _clip_text_encoder if str(encoder.target).endswith("FrozenCLIPEmbedder") else _open_clip_text_encoder
-        encoders.append(build(encoder, prefix, state, sdxl).eval())
+    for (prefix, encoder), (cls_name, text_config) in zip(_text_entries(config), text_encoder_configs(config)):
+        model = getattr(transformers, cls_name)(text_config)
+        if _is_open_clip(encoder):
+            converted = convert_open_clip_checkpoint(model, state, prefix=prefix)
+        else:
+            converted = convert_ldm_clip_checkpoint(state, remove_prefix=prefix)
+        wanted = model.state_dict()
+        model.load_state_dict({k: v for k, v in _flattened(model, converted).items() if k in wanted})
+        encoders.append(model.eval())
     return encoders
 
 
@@ -188,7 +210,7 @@ def diffusers_tokenizers(config: DictConfig) -> list[Any]:
     for _, encoder in _text_entries(config):
         tokenizer = copy.deepcopy(load_clip_tokenizer().tokenizer)  # a copy: the loaded one is shared in the process
         tokenizer.model_max_length = 77
-        if not str(encoder.target).endswith("FrozenCLIPEmbedder"):
+        if _is_open_clip(encoder):
             tokenizer.pad_token = "!"
         tokenizers.append(tokenizer)
     return tokenizers

@@ -12,8 +12,16 @@ from tiny_models import TINY_CONFIGS, make_tiny_checkpoint
 diffusers = pytest.importorskip("diffusers")
 
 from ldm.checkpoint import load_state_dict  # noqa: E402
-from ldm.diffusers_export import diffusers_pipeline  # noqa: E402
+from ldm.diffusers_export import diffusers_pipeline, diffusers_unet_config, text_encoder_configs  # noqa: E402
 from ldm.inference import load_config, load_model_from_config  # noqa: E402
+from ldm.util import instantiate_from_config  # noqa: E402
+
+REAL = {"sd": "configs/stable-diffusion/v1-inference.yaml", "sd2": "configs/stable-diffusion/v2-inference-v.yaml",
+        "sdxl": "configs/stable-diffusion-xl/sdxl-inference.yaml"}
+TINY_OPEN_CLIP = {"width": 32, "heads": 2, "layers": 3, "embed_dim": 16}
+TINY_CLIP_L = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+               "pad_token_id": 1, "bos_token_id": 49406, "eos_token_id": 49407}
 
 PROMPTS = ["a photo of a cat", "a painting of a * on a hill, trending on artstation"]
 SIZE = 16  # pixels; the tiny models' latents are 8 x 8
@@ -36,6 +44,32 @@ def both(tmp_path_factory):
         config = load_config(TINY_CONFIGS[family])
         built[family] = (load_model_from_config(config, ckpt, "cpu"), diffusers_pipeline(config, load_state_dict(ckpt)), ckpt)
     return built
+
+
+def narrow(family):
+    """The shipped inference config of ``family`` with every block, level and layer count kept and the widths cut
+    (UNet 32 channels, VAE 32, text encoders 32 wide): the key layout of the real model at a test's cost."""
+    config = load_config(REAL[family])
+    params = config.model.params
+    params.image_size = 8
+    params.first_stage_config.params.ddconfig.ch = 32
+    unet = params.unet_config.params
+    unet.model_channels = 32
+    if "num_heads" in unet:
+        unet.num_heads = 8
+    else:
+        unet.num_head_channels = 8
+    if family == "sdxl":
+        clip_l, clip_g = params.conditioner_config.params.emb_models[:2]
+        clip_l.params.text_config, clip_l.params.layer_idx = TINY_CLIP_L, 1
+        clip_g.params.text_config = TINY_OPEN_CLIP
+        unet.context_dim, unet.adm_in_channels = 64, 16 + 3 * 2 * 256
+    elif family == "sd2":
+        params.cond_stage_config.params.text_config, unet.context_dim = TINY_OPEN_CLIP, 32
+    else:
+        params.cond_stage_config.params = {"version": str(TINY_CONFIGS["sd"].parents[1] / "fixtures" / "tiny-clip")}
+        unet.context_dim = 32
+    return config
 
 
 def conditioning(model, pipe, family):
@@ -67,6 +101,44 @@ def test_text_unet_and_vae_agree(both, family):
     close(model.apply_model(x, t, ours), unet)
     z = torch.randn(2, 4, 8, 8, generator=generator)
     close(model.decode_first_stage(z), pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd2", "sdxl"])
+@torch.no_grad()
+def test_the_real_key_layouts_convert(family):
+    """Four levels with two res blocks each (SDXL: three, 1/2/10 transformer blocks): not only the tiny layout."""
+    config = narrow(family)
+    torch.manual_seed(0)
+    model = instantiate_from_config(config.model).eval()
+    model.embedding_manager = None  # as load_model_from_config without an embedding: '*' is an ordinary token
+    for p in model.model.parameters():
+        p.add_(0.02 * torch.randn_like(p))
+    pipe = diffusers_pipeline(config, model.state_dict())
+    ours, theirs = conditioning(model, pipe, family)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    if family == "sdxl":
+        time_ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2, dtype=torch.float32)  # the sizes conditioning() gave
+        close(ours["crossattn"], theirs[0])
+        unet = pipe.unet(x, t, encoder_hidden_states=theirs[0], added_cond_kwargs={"text_embeds": theirs[1], "time_ids": time_ids}).sample
+    else:
+        close(ours, theirs)
+        unet = pipe.unet(x, t, encoder_hidden_states=ours).sample
+    close(model.apply_model(x, t, ours), unet)
+    z = torch.randn(1, 4, 8, 8)
+    close(model.decode_first_stage(z), pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample)
+
+
+def test_the_shipped_configs_give_the_published_diffusers_shapes():
+    """What diffusers' own SD 1.x / 2.x / XL model folders hold (their unet, text_encoder(_2) configs)."""
+    v1, v2, xl = (diffusers_unet_config(load_config(REAL[f])) for f in ("sd", "sd2", "sdxl"))
+    assert v1["block_out_channels"] == [320, 640, 1280, 1280] and v1["attention_head_dim"] == 8 and v1["cross_attention_dim"] == 768
+    assert v2["attention_head_dim"] == [5, 10, 20, 20] and v2["use_linear_projection"] and v2["cross_attention_dim"] == 1024
+    assert xl["attention_head_dim"] == [5, 10, 20] and xl["transformer_layers_per_block"] == [1, 2, 10]
+    assert (xl["addition_embed_type"], xl["addition_time_embed_dim"], xl["projection_class_embeddings_input_dim"]) == ("text_time", 256, 2816)
+    shapes = {f: [(name, c.hidden_size, c.num_hidden_layers, c.hidden_act) for name, c in text_encoder_configs(load_config(REAL[f]))]
+              for f in REAL}
+    assert shapes == {"sd": [("CLIPTextModel", 768, 12, "quick_gelu")], "sd2": [("CLIPTextModel", 1024, 23, "gelu")],
+                      "sdxl": [("CLIPTextModel", 768, 12, "quick_gelu"), ("CLIPTextModelWithProjection", 1280, 32, "gelu")]}
 
 
 def test_schedules_agree(both):
