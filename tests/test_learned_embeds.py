@@ -97,3 +97,9 @@ def test_diffusers_sdxl_reads_the_shared_file_with_one_call_per_encoder(runs, ma
     mine = ours.get_learned_conditioning(ours.size_batch(["a photo of * on a hill"], 16, 16))
     assert (context - mine["crossattn"]).abs().max().item() <= 1e-5 * max(1.0, mine["crossattn"].abs().max().item())
     assert (pooled - mine["vector"][:, : pooled.shape[1]]).abs().max().item() <= 1e-5
+
+
+def test_bert_models_get_no_diffusers_file(runs, main_in_process):
+    """The LDM / shapes models' BERT-style words have no reader in diffusers, A1111 or ComfyUI: nothing is written."""
+    _, folder = learn(runs, "ldm", main_in_process)
+    assert (folder / "embeddings.pt").is_file() and not list(folder.glob("learned_embeds*"))
