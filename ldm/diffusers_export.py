@@ -50,8 +50,8 @@ def model_family(config: DictConfig) -> str:
     if target.endswith("FrozenCLIPEmbedder"):
         return SD1
     raise ConfigError(
-        f"the config's text encoder is {target or 'missing'}; only Stable Diffusion v1 (FrozenCLIPEmbedder) and 2.x "
-        "(FrozenOpenCLIPEmbedder) models have a diffusers pipeline to export to"
+        f"the config's text encoder is {target or 'missing'}; only Stable Diffusion v1 (FrozenCLIPEmbedder), 2.x "
+        "(FrozenOpenCLIPEmbedder) and SDXL (conditioner_config) models have a diffusers pipeline to export to"
     )
 
 
@@ -85,11 +85,14 @@ def _size_embedding_width(config: DictConfig) -> int:
 
 
 def diffusers_unet_config(config: DictConfig) -> dict[str, Any]:
-    """The ``UNet2DConditionModel`` config of ``config``'s UNet (diffusers' helper; SDXL's size embedding made explicit)."""
+    """The ``UNet2DConditionModel`` config of ``config``'s UNet (diffusers' helper; SDXL's size embedding made explicit,
+    SD 2.x v-models' attention upcast as in diffusers' own folders)."""
     from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
 
     unet_config = create_unet_diffusers_config_from_ldm(_plain(config), {})
     unet_config["sample_size"] = int(config.model.params.image_size)
+    if model_family(config) == SD2 and config.model.params.get("parameterization") == "v":
+        unet_config["upcast_attention"] = True  # as diffusers' SD 2.x 768-v folders: float32 softmax under float16
     if model_family(config) == SDXL:
         unet_config.update(class_embed_type=None, addition_embed_type="text_time",
                            addition_time_embed_dim=_size_embedding_width(config),
