@@ -26,5 +26,7 @@ setup(
         "matplotlib>=3.5",
     ],
     # tensorboard: runs also log to TensorBoard (`tensorboard --logdir logs`); without it they log to CSV alone
-    extras_require={"test": ["pytest>=7", "diffusers>=0.30"], "tensorboard": ["tensorboard>=2.10"]},
+    # peer: diffusers, for scripts/convert_to_diffusers.py and the side-by-side with diffusers' trainer; never needed by
+    # main.py, the generation scripts or merge_embeddings.py
+    extras_require={"test": ["pytest>=7", "diffusers>=0.30"], "peer": ["diffusers>=0.30"], "tensorboard": ["tensorboard>=2.10"]},
 )

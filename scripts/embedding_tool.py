@@ -47,6 +47,7 @@ from ldm.modules.embedding_formats import (  # noqa: E402
     write_embeddings,
 )
 from ldm.errors import ConfigError, run_cli  # noqa: E402
+from ldm.modules.learned_embeds import diffusers_token  # noqa: E402
 from ldm.modules.nearest_words import nearest_words  # noqa: E402
 from ldm.modules.placeholders import Vocabulary  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
@@ -162,7 +163,8 @@ def warn_if_diffusers_refuses(loaded: LoadedEmbeddings, placeholder: str | None,
     if vocab is not None and vocab.single_token(token) is not None:
         logger.warning(
             "the diffusers token is '%s', which the tokenizer already has; diffusers' load_textual_inversion refuses "
-            "such a token unless given token='<new-word>': convert with --token '<new-word>' to store one", token,
+            "such a token unless given token='%s': convert with --token '%s' to store one (what runs write in "
+            "learned_embeds.safetensors)", token, diffusers_token(token), diffusers_token(token),
         )
 
 

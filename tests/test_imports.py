@@ -22,8 +22,9 @@ ROOMS: list[tuple[str, int]] = [
     # generation, evaluation and the embedding tools: never training
     ("ldm.generate", 6), ("evaluation", 6), ("merge_embeddings", 6), ("scripts.txt2img", 6), ("scripts.stable_txt2img", 6),
     ("scripts.embedding_tool", 6), ("scripts.evaluate_model", 6), ("scripts.export_ema_weights", 6), ("scripts.peer_step", 6),
+    ("ldm.diffusers_export", 6), ("scripts.convert_to_diffusers", 6),
     ("ldm.train", 7),
-    ("main", 8), ("scripts.benchmark", 8), ("scripts.gpu_check", 8), ("scripts.robustness", 8),
+    ("main", 8), ("scripts.benchmark", 8), ("scripts.gpu_check", 8), ("scripts.robustness", 8), ("scripts.peer_invert", 8),
     ("ldm", 0),  # the package's own __init__ (empty)
 ]
 
@@ -136,3 +137,13 @@ def test_generation_does_not_load_training_code():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_the_commands_do_not_load_diffusers():
+    """diffusers is a test/peer extra: the three commands and the embedding tools run without it."""
+    code = ("import sys; sys.path.insert(0, 'scripts'); import main, merge_embeddings, txt2img, stable_txt2img, embedding_tool;"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -23,6 +23,7 @@ from ldm.errors import UserError
 from ldm.models.diffusion.fast_step import compile_training_step, make_adamw
 from ldm.provenance import embedding_record
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.learned_embeds import save_learned_embeds
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -194,13 +195,17 @@ class InversionTrainingMixin:
             self.save_embeddings(Path(ckpt_dir), max(trainer.global_step - 1, 0))
 
     def save_embeddings(self, ckpt_dir: Path, step: int) -> None:
-        """``embeddings.pt`` (latest) and ``embeddings_gs-<step>.pt``, each written atomically."""
+        """``embeddings.pt`` (latest) and ``embeddings_gs-<step>.pt``, each written atomically; on CLIP-tokenized
+        models also the latest word as diffusers' ``learned_embeds.safetensors`` (:mod:`ldm.modules.learned_embeds`)."""
         if not self.embeddings_are_finite():
             logger.warning("not saving embeddings at step %d: they are not finite", step)
             return
-        payload = self.embedding_manager.state_to_save(extra=embedding_record(step=step, **(self.embedding_provenance or {})))
+        record = embedding_record(step=step, **(self.embedding_provenance or {}))
+        payload = self.embedding_manager.state_to_save(extra=record)
         for name in ("embeddings.pt", f"embeddings_gs-{step}.pt"):
             atomic_torch_save(payload, ckpt_dir / name)
+        if getattr(self.embedding_manager, "is_clip", False):
+            save_learned_embeds(ckpt_dir, payload["string_to_param"], payload["string_to_token"], record)
 
     def embeddings_are_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.embedding_manager.embedding_parameters())
