@@ -264,9 +264,6 @@ def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> N
     from ldm.util import instantiate_from_config
 
     torch.set_float32_matmul_precision("high")
-    # denormal floats take a slow path on x86 CPUs (the random-weight test models compute on them); flushed to zero
-    # they change nothing above 1e-38, and CUDA is not affected
-    torch.set_flush_denormal(True)
     pl.seed_everything(opt.seed, workers=True)
 
     settings, ngpu = trainer_settings(opt, extra, lightning_config)

@@ -97,7 +97,7 @@ def build_parser(defaults: ScriptDefaults, description: str) -> argparse.Argumen
     p.add_argument("--seed", type=int, default=42, help="seed of the first round (round r uses seed + r)")
     p.add_argument("--precision", choices=["full", "autocast"], default=defaults.precision,
                    help="autocast: bf16 on the CPU, fp16 on CUDA (default: " + (defaults.precision or "autocast on CUDA, full on the CPU, "
-                   "where bf16 autocast is several times slower") + ")")
+                   "where bf16 autocast is slower") + ")")
     p.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
     return p
 
@@ -152,8 +152,8 @@ def remove_if_empty(folders: Sequence[Path]) -> None:
 
 
 def resolve_precision(precision: str | None, device: str) -> str:
-    """``--precision`` as given, else ``autocast`` on CUDA (fp16 pays there) and ``full`` elsewhere: the CPU's bf16
-    autocast made SDXL generation about 3x slower (issue 20: 206 s against 66 s)."""
+    """``--precision`` as given, else ``autocast`` on CUDA (fp16 pays there) and ``full`` elsewhere: bf16 autocast on
+    a CPU made SDXL generation several times slower than float32 (issue 20)."""
     if precision is not None:
         return precision
     return "autocast" if torch.device(device).type == "cuda" else "full"
@@ -213,9 +213,6 @@ def generate(opt: argparse.Namespace) -> list[Path]:
 def _generate(opt: argparse.Namespace, prompts: list[str], outdir: Path, sample_dir: Path) -> list[Path]:
     device = resolve_device(opt.device)
     opt.precision = resolve_precision(opt.precision, device)
-    if torch.device(device).type == "cpu":
-        # denormal floats take a slow path on x86 CPUs; flushed to zero they change nothing a picture can show
-        torch.set_flush_denormal(True)
     model = load_model_from_config(opt.config, opt.ckpt, device, opt.embedding_path, ckpt_flag=opt.ckpt_flag)
     opt.H, opt.W = opt.H or native_size(model), opt.W or native_size(model)
     latent_shape(model, opt.H, opt.W, opt.C, opt.f)  # a size that does not fit fails here, before any progress bar

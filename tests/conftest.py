@@ -1,5 +1,5 @@
-"""Test-wide settings: offline hub, one CPU thread (tiny models run far faster that way), denormals flushed to zero,
-``gpu`` tests skipped without CUDA (the markers are declared in pytest.ini)."""
+"""Test-wide settings: offline hub, one CPU thread (tiny models run far faster that way), ``gpu`` tests skipped
+without CUDA (the markers are declared in pytest.ini)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,9 +14,6 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
-# the tiny random-weight models compute on denormal floats, which take a slow path on x86 CPUs; main.py and the
-# generation scripts flush them on the CPU too, so the tests run what the commands run
-torch.set_flush_denormal(True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -153,7 +153,7 @@ def test_bad_input_in_the_real_scripts_one_line_exit_2(ckpts, tmp_path):
 
 
 def test_precision_default_is_autocast_only_on_cuda():
-    """bf16 autocast on the CPU made SDXL generation about 3x slower (issue 20); fp16 autocast pays on CUDA."""
+    """bf16 autocast on the CPU made SDXL generation several times slower (issue 20); fp16 autocast pays on CUDA."""
     from ldm.generate import resolve_precision
 
     assert resolve_precision(None, "cpu") == "full" and resolve_precision(None, "cuda:1") == "autocast"

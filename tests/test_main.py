@@ -1,6 +1,7 @@
 """The real ``main.py`` on tiny random-weight LDM and SD models (CPU, a few steps): in subprocesses where the process
 matters (files of a whole run, kill and resume, SIGTERM, DDP), else in this process (``main_in_process``)."""
 import csv
+import logging
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ from paths import REPO
 from tiny_models import TINY_CONFIGS, make_concept_folder, make_tiny_checkpoint, train_briefly
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-STEPS_DONE = re.compile(r"step ([2-9]|\d\d+)/\d+: ")  # the progress line (stderr is no terminal) after two steps
+STEPS_DONE = re.compile(r"step ([2-9]|\d\d+)/\d+: ")  # the progress line (stdout is no terminal) after two steps
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +187,10 @@ def test_bf16_mixed_precision_on_cpu(workspace, main_in_process):
     assert torch.isfinite(emb["string_to_param"]["*"]).all()
 
 
-def test_console_without_a_terminal_gets_progress_lines_and_no_config_dump(workspace, main_in_process):
-    """Under pytest stderr is no terminal, as in a redirected log: a line every log_every_n_steps steps and at the
+def test_console_without_a_terminal_gets_progress_lines_and_no_config_dump(workspace, main_in_process, caplog):
+    """Under pytest stdout is no terminal, as in a redirected log: a line every log_every_n_steps steps and at the
     last, no bar redrawn at every step, and the merged config only in the run folder, with one line saying where."""
+    caplog.set_level(logging.INFO, logger="ldm")  # another test's in-process command may have quietened "ldm"
     proc = main_in_process(main_args(workspace, "--max_steps", "5", "--log_every_n_steps", "2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = re.findall(r"\bstep (\d+)/5: loss_simple [\d.e+-]+, loss_vlb [\d.e+-]+, loss [\d.e+-]+, [\d.]+ it/s$", proc.stderr, re.MULTILINE)

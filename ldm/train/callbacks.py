@@ -138,7 +138,8 @@ def step_metrics(trainer: pl.Trainer) -> dict[str, Any]:
 
 
 class StepLog(pl.callbacks.ProgressBar):
-    """The progress display when stderr is not a terminal (a redirected log, a batch job): one log line every
+    """The progress display when stdout, where Lightning's bar goes, is not a terminal (a redirected log, a batch
+    job): one log line (on stderr, with the other log lines) every
     ``log_every_n_steps`` training steps and at the last, with the step, the losses and the speed since the line
     before.
 
@@ -177,9 +178,9 @@ class StepLog(pl.callbacks.ProgressBar):
 
 
 def progress_display(on_gpu: bool) -> pl.callbacks.ProgressBar:
-    """A bar on a terminal (refreshed every 10 steps on a GPU, where each refresh reads the losses back from the
-    device; every step on the CPU), else :class:`StepLog`'s lines."""
-    if sys.stderr.isatty():
+    """A bar when stdout (where Lightning's bar writes) is a terminal (refreshed every 10 steps on a GPU, where each
+    refresh reads the losses back from the device; every step on the CPU), else :class:`StepLog`'s lines."""
+    if sys.stdout.isatty():
         return ProgressBar(refresh_rate=10 if on_gpu else 1)
     return StepLog()
 
