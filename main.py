@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import check_target_params
 from ldm.errors import ConfigError, run_cli
-from ldm.train.cli import count_devices, get_parser, load_configs, parse_devices, resolve_run, split_unknown
+from ldm.train.cli import check_accelerator, count_devices, get_parser, load_configs, parse_devices, resolve_run, split_unknown
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -85,6 +85,7 @@ def trainer_settings(opt: Any, extra: dict[str, Any], lightning_config: Any) -> 
         if value is not None:
             settings[key] = parse_devices(value) if key == "devices" else value
     settings.update(extra)
+    check_accelerator(settings, opt.gpus)
     settings.setdefault("max_steps", -1)
     if settings["max_steps"] in (-1, None) and settings.get("max_epochs") is None:
         raise ConfigError("the config sets no max_steps (the style configs do not); pass --max_steps N, e.g. --max_steps 5000")
@@ -121,15 +122,14 @@ def personalize(config: Any, opt: Any) -> None:
 def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, resume: bool) -> list[pl.Callback]:
     import pytorch_lightning as pl
 
-    from ldm.train.callbacks import EmbeddingRescue, ImageLogger, LossCurve, ProgressBar, SetupCallback
+    from ldm.train.callbacks import EmbeddingRescue, ImageLogger, LossCurve, SetupCallback, progress_display
     from ldm.train.monitoring import EmbeddingMonitor
     from ldm.util import instantiate_from_config
 
     callbacks: list[pl.Callback] = [
         SetupCallback(resume, run.now, str(run.logdir), str(run.ckptdir), str(run.cfgdir), config, lightning_config),
         pl.callbacks.LearningRateMonitor(logging_interval="step"),
-        # each refresh reads the logged losses back from the device: on a GPU, refresh every 10 steps
-        ProgressBar(refresh_rate=10 if lightning_config.trainer.get("accelerator") in ("gpu", "cuda") else 1),
+        progress_display(on_gpu=lightning_config.trainer.get("accelerator") in ("gpu", "cuda")),
         EmbeddingRescue(str(run.ckptdir)),
         LossCurve(),
     ]
@@ -252,7 +252,7 @@ def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> N
     from ldm.data.images import validate_image_folder
 
     if opt.data_root:
-        validate_image_folder(opt.data_root)
+        validate_image_folder(opt.data_root, OmegaConf.select(config, "data.params.train.params.size"))
     elif "personalization_config" in config.model.params and opt.train:
         raise ConfigError("--data_root is required: the folder of the concept's images")
     os.environ.setdefault("TI_RUN_DIR", str(run.logdir))

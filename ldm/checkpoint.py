@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ldm.errors import UserError
+from ldm.file_kinds import foreign_kind
 from ldm.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -73,16 +75,33 @@ def load_checkpoint(path: str | os.PathLike, *, what: str = "--actual_resume") -
         raise CheckpointError(f"{what}: '{p}' is a folder; pass the checkpoint file inside it (e.g. model.ckpt)")
     if p.suffix.lower() in _YAML_SUFFIXES:
         raise CheckpointError(f"{what}: '{p}' is a config file, not a checkpoint; give the config with --base and the weights (.ckpt) here")
+    kind = foreign_kind(p)
+    if kind is not None:
+        raise CheckpointError(f"{what}: '{p}' is {kind}, not a model checkpoint; pass a .ckpt/.safetensors model file")
     if p.suffix.lower() == ".safetensors":
         return _load_safetensors(p, what)
     try:
         obj = safe_torch_load(p)
-    except Exception as err:  # the safe unpickler fails in many ways on files that are not checkpoints
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{what}: '{p}' is not a readable PyTorch checkpoint ({first[:160]}); pass a .ckpt/.safetensors model file") from err
+    except Exception as err:  # the safe unpickler trips in many ways on a damaged or cut file
+        refused = _refused_global(err)
+        if refused is not None:
+            raise CheckpointError(
+                f"{what}: '{p}' was refused by the safe reader ({refused[:160]}): it needs Python code to load, which is "
+                "never run; pass a .ckpt/.safetensors model file"
+            ) from err
+        raise CheckpointError(
+            f"{what}: '{p}' is a damaged or truncated PyTorch file ({type(err).__name__}); pass a .ckpt/.safetensors model file"
+        ) from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what}: '{p}' holds a {type(obj).__name__}, not a checkpoint dict; pass a model checkpoint")
     return obj
+
+
+def _refused_global(err: Exception) -> str | None:
+    """The line of the safe unpickler's refusal that names the class it would not load; None for other failures."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    return next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
 
 
 def _load_safetensors(p: Path, what: str) -> dict[str, Any]:

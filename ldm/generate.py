@@ -4,7 +4,8 @@ and SDXL: pass their config with ``--config``; v or eps prediction as the config
 
 Both take the original flags; only their defaults differ (:data:`LDM_DEFAULTS`, :data:`SD_DEFAULTS`). Output as the
 original: ``<outdir>/samples/NNNNN.png`` (counter continuing from the files already there) and, per prompt, a grid
-``<outdir>/<prompt-with-dashes>-NNNN.png`` of all its rounds (one row per round unless ``--n_rows``). Every PNG
+``<outdir>/<prompt-with-dashes>-NNNN.png`` of all its rounds (characters other than letters, digits and ``-_.,+``, such as
+the placeholders ``*`` and ``@``, become ``_``: the name needs no quoting) (one row per round unless ``--n_rows``). Every PNG
 carries its generation record (:mod:`ldm.provenance`).
 
 Differences from the original, all deliberate: PNG instead of JPEG; ``--from-file`` works (one grid per prompt, each
@@ -20,7 +21,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -60,12 +63,12 @@ class ScriptDefaults:
     scale: float
     ckpt: str
     config: str
-    precision: str
+    precision: str | None  # None: autocast on CUDA, full elsewhere (see resolve_precision)
     ckpt_flags: tuple[str, ...]
 
 
 LDM_DEFAULTS = ScriptDefaults(200, 1, 256, 4, 5.0, "/data/pretrained_models/ldm/text2img-large/model.ckpt", LDM_CONFIG, "full", ("--ckpt_path", "--ckpt"))
-SD_DEFAULTS = ScriptDefaults(50, 2, 512, 3, 7.5, "models/ldm/stable-diffusion-v1/model.ckpt", SD_CONFIG, "autocast", ("--ckpt", "--ckpt_path"))
+SD_DEFAULTS = ScriptDefaults(50, 2, 512, 3, 7.5, "models/ldm/stable-diffusion-v1/model.ckpt", SD_CONFIG, None, ("--ckpt", "--ckpt_path"))
 
 
 def build_parser(defaults: ScriptDefaults, description: str) -> argparse.ArgumentParser:
@@ -93,7 +96,8 @@ def build_parser(defaults: ScriptDefaults, description: str) -> argparse.Argumen
     p.add_argument("--embedding_path", type=str, default=None, help="embedding file (original, A1111, diffusers or kohya)")
     p.add_argument("--seed", type=int, default=42, help="seed of the first round (round r uses seed + r)")
     p.add_argument("--precision", choices=["full", "autocast"], default=defaults.precision,
-                   help="autocast: bf16 on the CPU, fp16 on CUDA")
+                   help="autocast: bf16 on the CPU, fp16 on CUDA (default: " + (defaults.precision or "autocast on CUDA, full on the CPU, "
+                   "where bf16 autocast is slower") + ")")
     p.add_argument("--device", type=str, default=None, help="torch device (default: cuda if available, else cpu)")
     return p
 
@@ -122,17 +126,37 @@ def read_prompts(opt: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def prepare_outdir(outdir: str) -> tuple[Path, Path]:
-    """``outdir`` and its ``samples`` folder, created and checked to be writable before any model is loaded."""
+def prepare_outdir(outdir: str) -> tuple[Path, Path, list[Path]]:
+    """``outdir`` and its ``samples`` folder, created and checked to be writable before any model is loaded; and the
+    folders this created (deepest first), which :func:`remove_if_empty` takes back when the run fails."""
     root = Path(outdir)
     samples = root / "samples"
+    created = [d for d in (samples, *samples.parents) if not d.exists()]
     try:
         samples.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=samples):
             pass
     except OSError as err:
+        remove_if_empty(created)
         raise ConfigError(f"--outdir: cannot write to '{root}' ({err.strerror or err.__class__.__name__}); choose a writable folder") from err
-    return root, samples
+    return root, samples, created
+
+
+def remove_if_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) as long as each is empty: a failed run leaves no empty output folders."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def resolve_precision(precision: str | None, device: str) -> str:
+    """``--precision`` as given, else ``autocast`` on CUDA (fp16 pays there) and ``full`` elsewhere: bf16 autocast on
+    a CPU made SDXL generation several times slower than float32 (issue 20)."""
+    if precision is not None:
+        return precision
+    return "autocast" if torch.device(device).type == "cuda" else "full"
 
 
 def resolve_device(requested: str | None) -> str:
@@ -146,10 +170,15 @@ def resolve_device(requested: str | None) -> str:
     return device
 
 
+_SLUG_KEEP = frozenset("-_.,+")
+
+
 def prompt_slug(prompt: str) -> str:
-    """The grid's file-name stem: spaces become dashes (as the original), path separators underscores."""
-    slug = prompt.replace(" ", "-").replace(os.sep, "_").replace("/", "_")
-    return slug[:150] or "prompt"
+    """The grid's file-name stem: spaces become dashes (as the original); every other character but letters, digits
+    and ``-_.,+`` (the placeholders ``*``, ``@``, quotes, path separators, ...) an underscore, so the name needs no
+    quoting in a shell; no leading dash or dot (an option, a hidden file)."""
+    slug = "".join(c if c.isalnum() or c in _SLUG_KEEP else "_" for c in prompt.replace(" ", "-"))
+    return slug.lstrip("-.")[:150] or "prompt"
 
 
 def native_size(model: object) -> int:
@@ -167,11 +196,23 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def generate(opt: argparse.Namespace) -> list[Path]:
-    """Run the command for parsed options; returns the files written."""
+    """Run the command for parsed options; returns the files written. A run that fails takes back the output folders
+    it created while they are still empty."""
     check_options(opt)
     prompts = read_prompts(opt)
-    outdir, sample_dir = prepare_outdir(opt.outdir)
+    outdir, sample_dir, created = prepare_outdir(opt.outdir)
+    try:
+        written = _generate(opt, prompts, outdir, sample_dir)
+    except BaseException:
+        remove_if_empty(created)
+        raise
+    print(f"Your samples are ready and waiting for you here:\n{outdir}\nEnjoy.")
+    return written
+
+
+def _generate(opt: argparse.Namespace, prompts: list[str], outdir: Path, sample_dir: Path) -> list[Path]:
     device = resolve_device(opt.device)
+    opt.precision = resolve_precision(opt.precision, device)
     model = load_model_from_config(opt.config, opt.ckpt, device, opt.embedding_path, ckpt_flag=opt.ckpt_flag)
     opt.H, opt.W = opt.H or native_size(model), opt.W or native_size(model)
     latent_shape(model, opt.H, opt.W, opt.C, opt.f)  # a size that does not fit fails here, before any progress bar
@@ -186,16 +227,21 @@ def generate(opt: argparse.Namespace) -> list[Path]:
     base_count = len(os.listdir(sample_dir))
     grid_count = len(os.listdir(outdir)) - 1
     written: list[Path] = []
+    bars = sys.stderr.isatty()  # in a redirected log, a line per round instead of bars redrawn at every step
     with inference_scope(model, opt.precision, device):
-        for prompt in tqdm(prompts, desc="prompts", disable=len(prompts) == 1):
+        for p, prompt in enumerate(tqdm(prompts, desc="prompts", disable=len(prompts) == 1 or not bars)):
             rounds = []
-            for r in tqdm(range(opt.n_iter), desc="Sampling"):
+            for r in tqdm(range(opt.n_iter), desc="Sampling", disable=not bars):
                 seed = opt.seed if opt.fixed_code else opt.seed + r
                 generator = torch.Generator(device=device).manual_seed(seed)
+                started = time.perf_counter()
                 images = sample_images(
                     model, opt.n_samples * [prompt], steps=opt.ddim_steps, eta=opt.ddim_eta, scale=opt.scale, H=opt.H,
-                    W=opt.W, sampler=record_base["sampler"], generator=generator, C=opt.C, f=opt.f,
+                    W=opt.W, sampler=record_base["sampler"], generator=generator, C=opt.C, f=opt.f, verbose=bars,
                 )
+                if not bars:
+                    logger.info("prompt %d/%d, round %d/%d: %d images in %.1f s", p + 1, len(prompts), r + 1, opt.n_iter,
+                                len(images), time.perf_counter() - started)
                 rounds.append(images.cpu())
                 if opt.skip_save:
                     continue
@@ -208,12 +254,12 @@ def generate(opt: argparse.Namespace) -> list[Path]:
                 record = GenerationRecord(prompt=prompt, seed=opt.seed, **record_base)
                 written.append(save_png(to_pil(grid), outdir / f"{prompt_slug(prompt)}-{grid_count:04}.png", record))
                 grid_count += 1
-    print(f"Your samples are ready and waiting for you here:\n{outdir}\nEnjoy.")
     return written
 
 
 def main(defaults: ScriptDefaults, description: str, argv: Sequence[str] | None = None) -> None:
     """Entry point of both scripts: parse, generate, report bad input as one line (exit 2)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logger.setLevel(logging.INFO)  # this module's progress lines (without a terminal); other modules stay at warnings
     opt = build_parser(defaults, description).parse_args(argv)
     run_cli(lambda: generate(opt))

@@ -235,7 +235,7 @@ def plot(results: list[RunResult], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph, whole
     p.add_argument("--concept", nargs="+", choices=sorted(CONCEPTS), default=["orange_cross", "pink_background"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="inversion seeds (main.py --seed)")
     p.add_argument("--sets", nargs="+", default=["shipped", "1", "103", "104"],

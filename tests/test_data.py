@@ -410,3 +410,42 @@ def test_size_conditioning_gives_original_size_crop_corner_and_target(tmp_path: 
     assert squashed.size_conditioning_of(0, flip=False)["crop_coords_top_left"].tolist() == [0, 0]
     assert set(squashed[0]) == {"caption", "image", "index", "flip", "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"}
     assert "original_size_as_tuple" not in PersonalizedBase(tmp_path, size=10)[0]
+
+
+def test_a_training_image_under_8_pixels_a_side_is_refused(tmp_path: Path) -> None:
+    from ldm.data.images import ImageTooSmallError
+
+    solid(tmp_path / "a.png", size=(16, 16))
+    solid(tmp_path / "b.png", size=(1, 1))
+    with pytest.raises(ImageTooSmallError, match=r"b.png' is 1x1 pixels; training images need at least 8 pixels per side"):
+        PersonalizedBase(tmp_path, size=16)
+    with pytest.raises(ImageTooSmallError, match="at least 8 pixels"):
+        validate_image_folder(tmp_path, 512)
+    solid(tmp_path / "b.png", size=(4, 4))
+    assert len(PersonalizedBase(tmp_path, size=4)) > 0  # never more than the training size itself
+    assert len(validate_image_folder(tmp_path)) == 2  # without a training size (no resizing), no size rule
+
+
+def test_an_image_enlarged_more_than_8x_is_warned_about_once(tmp_path: Path, caplog) -> None:
+    solid(tmp_path / "small.png", size=(12, 12))
+    with caplog.at_level(logging.WARNING):
+        validate_image_folder(tmp_path, 128)
+        PersonalizedBase(tmp_path, size=128)
+        PersonalizedBase(tmp_path, size=64)  # 12 * 8 >= 64: no warning
+    assert caplog.text.count("small.png' is 12x12 pixels and is enlarged more than 8x to the training size 128") == 1
+
+
+def test_an_unreadable_file_is_warned_about_once_per_process(tmp_path: Path, caplog) -> None:
+    """main.py checks the folder, then the dataset reads it again: one warning, until the file changes."""
+    solid(tmp_path / "a.png")
+    bad = tmp_path / "z.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with caplog.at_level(logging.WARNING):
+        validate_image_folder(tmp_path)
+        PersonalizedBase(tmp_path, size=16)
+    assert caplog.text.count("skipping cannot read image") == 1
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n other garbage")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        validate_image_folder(tmp_path)
+    assert caplog.text.count("skipping cannot read image") == 1

@@ -222,7 +222,8 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
         ({"foo": "bar"}, "none of the known embedding layouts"),
         ({"state_dict": {"w": torch.zeros(1)}}, "model checkpoint"),
         ({"clip_l": torch.zeros(1, 768)}, "only the clip_l half of an SDXL embedding"),
-        (b"not a pickle at all", "not a readable embedding file"),
+        (b"not a pickle at all", r"is a text file \(first line: 'not a pickle at all'\), not an embedding file"),
+        (b"\x80\x02garbage that is no pickle", "damaged or truncated PyTorch file"),
     ],
 )
 def test_unknown_files_one_line_error_naming_the_file(tmp_path, content, match):
@@ -425,3 +426,45 @@ def test_tool_inspects_and_converts_sdxl_words(tmp_path, capsys):
     back = read_embeddings(tmp_path / "back.pt")
     assert back.is_sdxl and back.token_ids == {"@": 287}
     assert torch.equal(back.vectors["@"], l) and torch.equal(back.clip_g["@"], g)
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "notes.pt", "notes.ckpt", "notes.safetensors", "notes.bin"])
+def test_a_text_file_is_named_a_text_file_whatever_its_suffix(tmp_path, name):
+    """The safe unpickler meets text with ``IndexError: pop from empty list`` (or ``KeyError``): the one reader names
+    the file's kind instead, for every command that reads embeddings."""
+    path = tmp_path / name
+    path.write_text("a photo of a *\non a blue background\n")
+    with pytest.raises(EmbeddingFileError) as err:
+        read_embeddings(path)
+    assert str(err.value) == (f"'{path}' is a text file (first line: 'a photo of a *'), not an embedding file; pass an embedding "
+                              "(.pt, .bin or .safetensors)")
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_embedding_tool_names_a_text_file_in_one_line(tmp_path, capsys, command):
+    tool = load_script("embedding_tool")
+    (tmp_path / "prompt.txt").write_text("a photo of *\n")
+    argv = [command, str(tmp_path / "prompt.txt")] + ([str(tmp_path / "out.pt")] if command == "convert" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "prompt.txt' is a text file" in lines[0], lines
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_convert_to_diffusers_without_a_suffix_writes_the_diffusers_folder(tmp_path, vectors, capsys):
+    from ldm.modules.embedding_formats import save_sdxl_original
+
+    tool = load_script("embedding_tool")
+    src = save_original(tmp_path / "embeddings.pt", {"*": vectors}, {"*": STAR_CLIP})
+    tool.main(["convert", str(src), str(tmp_path / "mycat"), "--to", "diffusers", "--token", "<cat>"])
+    assert sorted(p.name for p in (tmp_path / "mycat").iterdir()) == ["learned_embeds.safetensors"]
+    assert torch.equal(read_embeddings(tmp_path / "mycat" / "learned_embeds.safetensors").vectors["*"], vectors)
+    assert str(tmp_path / "mycat" / "learned_embeds.safetensors") in capsys.readouterr().out
+    xl = save_sdxl_original(tmp_path / "xl.pt", {"clip_l": {"*": torch.randn(1, 768)}, "clip_g": {"*": torch.randn(1, 1280)}}, {"*": STAR_CLIP})
+    (tmp_path / "existing").mkdir()
+    for target in ("xlcat", "existing"):
+        tool.main(["convert", str(xl), str(tmp_path / target), "--to", "diffusers", "--token", "<cat>"])
+        assert sorted(p.name for p in (tmp_path / target).iterdir()) == ["learned_embeds.safetensors", "learned_embeds_2.safetensors"]
+        assert read_embeddings(tmp_path / target).is_sdxl  # the folder reads back as the SDXL pair
+    assert not (tmp_path / "xlcat_2").exists()

@@ -55,10 +55,12 @@ def test_sd_script_files_names_metadata_and_counters(ckpts, tmp_path):
     common = ["--config", str(TINY_CONFIGS["sd"]), "--ckpt_path", str(ckpts["sd"]), "--outdir", str(out), *TINY]
     first = run("stable_txt2img.py", *common, "--embedding_path", str(emb), "--prompt", "a photo of *", "--n_samples", "2", "--n_iter", "2", "--seed", "7")
     assert first.returncode == 0, first.stderr
-    assert "Sampling" in first.stderr and "DDIM Sampler" in first.stderr  # progress bars
+    # stderr is no terminal: a line per round, no progress bars redrawn at every step
+    assert "INFO: prompt 1/1, round 2/2: 2 images in" in first.stderr and "Sampling" not in first.stderr
+    assert "DDIM Sampler" not in first.stderr and "\r" not in first.stderr
     assert sorted(p.name for p in (out / "samples").iterdir()) == [f"{i:05}.png" for i in range(4)]
-    assert sorted(p.name for p in out.glob("*.png")) == ["a-photo-of-*-0000.png"]
-    grid = Image.open(out / "a-photo-of-*-0000.png")
+    assert sorted(p.name for p in out.glob("*.png")) == ["a-photo-of-_-0000.png"]  # no '*' to quote in a shell
+    grid = Image.open(out / "a-photo-of-_-0000.png")
     assert grid.size == (2 * 18 + 2, 2 * 18 + 2)  # 2 rounds x 2 samples, 2 px padding
     meta = read_png_text(out / "samples" / "00003.png")
     assert meta["prompt"] == "a photo of *" and meta["seed"] == "8" and meta["batch_index"] == "1"
@@ -66,14 +68,14 @@ def test_sd_script_files_names_metadata_and_counters(ckpts, tmp_path):
     assert meta["model_hash"] == hashlib.sha256(ckpts["sd"].read_bytes()).hexdigest()[:10]
     assert meta["embedding_hash"] == hashlib.sha256(emb.read_bytes()).hexdigest()[:10]
     assert meta["parameters"].startswith("a photo of *\nSteps: 2, Sampler: ddim, CFG scale: 7.5, Seed: 8")
-    assert "Model hash" in read_png_text(out / "a-photo-of-*-0000.png")["parameters"]
+    assert "Model hash" in read_png_text(out / "a-photo-of-_-0000.png")["parameters"]
 
     # --from-file (crashed in the original): a grid per prompt, counters continue; the embedding reproduces its init word
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of sculpture\n\na photo of *\n", encoding="utf-8")
     generate(build_parser(SD_DEFAULTS, "").parse_args([*common, "--from-file", str(prompts), "--n_samples", "1", "--n_iter", "1", "--seed", "7", "--embedding_path", str(emb)]))
     assert len(list((out / "samples").iterdir())) == 6
-    assert {p.name for p in out.glob("*.png")} == {"a-photo-of-*-0000.png", "a-photo-of-sculpture-0001.png", "a-photo-of-*-0002.png"}
+    assert {p.name for p in out.glob("*.png")} == {"a-photo-of-_-0000.png", "a-photo-of-sculpture-0001.png", "a-photo-of-_-0002.png"}
     assert np.array_equal(pixels(out / "samples" / "00004.png"), pixels(out / "samples" / "00005.png"))
     assert np.array_equal(pixels(out / "samples" / "00004.png"), pixels(out / "samples" / "00000.png"))
 
@@ -121,7 +123,7 @@ def test_autocast_on_cpu_and_plms(ckpts, tmp_path, precision, plms):
 def test_defaults_follow_the_original_scripts():
     sd = build_parser(SD_DEFAULTS, "").parse_args([])
     ldm = build_parser(LDM_DEFAULTS, "").parse_args(["--ckpt", "x.ckpt"])
-    assert (sd.ddim_steps, sd.n_iter, sd.H, sd.n_samples, sd.scale, sd.precision) == (50, 2, None, 3, 7.5, "autocast")
+    assert (sd.ddim_steps, sd.n_iter, sd.H, sd.n_samples, sd.scale, sd.precision) == (50, 2, None, 3, 7.5, None)
     assert sd.config == "configs/stable-diffusion/v1-inference.yaml" and sd.outdir == "outputs/txt2img-samples"
     assert (ldm.ddim_steps, ldm.n_iter, ldm.H, ldm.n_samples, ldm.scale, ldm.ckpt) == (200, 1, None, 4, 5.0, "x.ckpt")
     assert ldm.config == "configs/latent-diffusion/txt2img-1p4B-eval_with_tokens.yaml"
@@ -150,14 +152,37 @@ def test_bad_input_in_the_real_scripts_one_line_exit_2(ckpts, tmp_path):
     assert not (tmp_path / "marker").exists()
 
 
+def test_precision_default_is_autocast_only_on_cuda():
+    """bf16 autocast on the CPU made SDXL generation several times slower (issue 20); fp16 autocast pays on CUDA."""
+    from ldm.generate import resolve_precision
+
+    assert resolve_precision(None, "cpu") == "full" and resolve_precision(None, "cuda:1") == "autocast"
+    assert resolve_precision("autocast", "cpu") == "autocast" and resolve_precision("full", "cuda") == "full"
+    assert "autocast on CUDA, full on the CPU" in build_parser(SD_DEFAULTS, "").format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_cpu_run_records_full_precision_and_slugs_need_no_quoting(ckpts, tmp_path):
+    from ldm.generate import prompt_slug
+
+    args = ["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(ckpts["sd"]), "--outdir", str(tmp_path), "--H", "16", "--W", "16",
+            "--ddim_steps", "1", "--device", "cpu", "--n_samples", "1", "--n_iter", "1", "--skip_save", "--prompt", "a * on a & background"]
+    (grid,) = generate(build_parser(SD_DEFAULTS, "").parse_args(args))
+    assert grid.name == "a-_-on-a-_-background-0000.png" and read_png_text(grid)["precision"] == "full"
+    assert prompt_slug("a photo of @ 'in' \"x\" $HOME/`y`;z") == "a-photo-of-_-_in_-_x_-_HOME__y__z"
+    assert prompt_slug(" -rf *") == "rf-_" and prompt_slug("caf\u00e9, 2+2.") == "caf\u00e9,-2+2."
+
+
 def test_more_bad_input_one_line_exit_2(ckpts, tmp_path, capsys):
     save_original(tmp_path / "wide.pt", {"*": torch.zeros(1, 768)}, {"*": STAR["sd"]})
     (tmp_path / "file").write_text("x")
+    (tmp_path / "prompt.txt").write_text("a photo of *\n")
     sd = ["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(ckpts["sd"]), *TINY]
     cases = [
         (["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(tmp_path / "missing.ckpt")], "--ckpt: file"),
         ([*sd, "--embedding_path", str(tmp_path / "wide.pt")], "SD v1 (CLIP ViT-L/14, width 768) vectors, but this model's"),
         ([*sd, "--embedding_path", str(tmp_path / "missing.pt")], "does not exist"),
+        ([*sd, "--embedding_path", str(tmp_path / "prompt.txt")], "prompt.txt' is a text file (first line: 'a photo of *'), not an embedding"),
+        (["--config", str(TINY_CONFIGS["sd"]), "--ckpt", str(tmp_path / "prompt.txt"), *TINY], "prompt.txt' is a text file"),
         ([*sd, "--outdir", str(tmp_path / "file" / "out")], "--outdir: cannot write"),
         ([*sd, "--from-file", str(tmp_path / "nothing.txt")], "--from-file: cannot read"),
         ([*sd, "--plms", "--ddim_eta", "0.5"], "--ddim_eta must be 0"),
@@ -169,6 +194,11 @@ def test_more_bad_input_one_line_exit_2(ckpts, tmp_path, capsys):
             main(SD_DEFAULTS, "", argv)
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(lines) == 1 and expected in lines[0], (argv, lines)
+        assert not (tmp_path / "o").exists(), argv  # a failed run leaves no empty output folders behind
+    (tmp_path / "kept" / "samples").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        main(SD_DEFAULTS, "", [*sd, "--embedding_path", str(tmp_path / "missing.pt"), "--outdir", str(tmp_path / "kept")])
+    assert (tmp_path / "kept" / "samples").is_dir()  # folders that were there before stay
 
 
 def test_wrong_family_message_names_both(ckpts, caplog):

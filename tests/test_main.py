@@ -1,6 +1,7 @@
 """The real ``main.py`` on tiny random-weight LDM and SD models (CPU, a few steps): in subprocesses where the process
 matters (files of a whole run, kill and resume, SIGTERM, DDP), else in this process (``main_in_process``)."""
 import csv
+import logging
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ from paths import REPO
 from tiny_models import TINY_CONFIGS, make_concept_folder, make_tiny_checkpoint, train_briefly
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-STEPS_DONE = re.compile(r"Epoch \d+: .*?\b([2-9]|\d\d+)/\d+")  # the progress bar after two batches of an epoch
+STEPS_DONE = re.compile(r"step ([2-9]|\d\d+)/\d+: ")  # the progress line (stdout is no terminal) after two steps
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_resume_after_kill_continues_the_run(workspace):
 def test_sigterm_saves_the_embedding(workspace):
     logs = workspace["root"] / "logs_term"
     cmd = [sys.executable, str(REPO / "main.py"), "--base", str(TINY_CONFIGS["ldm"]), "-t", "--actual_resume", str(workspace["ldm"]),
-           "-n", "term", "--data_root", str(workspace["data"]), "-l", str(logs), "--max_steps", "100000",
+           "-n", "term", "--data_root", str(workspace["data"]), "-l", str(logs), "--max_steps", "100000", "--log_every_n_steps", "1",
            "lightning.modelcheckpoint.params.every_n_train_steps=100000", "lightning.callbacks.image_logger.params.batch_frequency=100000"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
@@ -132,7 +133,7 @@ def test_sigterm_saves_the_embedding(workspace):
     reader.start()
     deadline = time.time() + 120
     while time.time() < deadline and not STEPS_DONE.search("".join(output)) and proc.poll() is None:
-        time.sleep(0.1)  # until the progress bar shows two training steps done
+        time.sleep(0.1)  # until the progress lines show two training steps done
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     reader.join(timeout=10)
@@ -184,6 +185,21 @@ def test_bf16_mixed_precision_on_cpu(workspace, main_in_process):
     emb = read_embedding(newest_run(workspace) / "checkpoints" / "embeddings.pt")
     assert emb["string_to_param"]["*"].dtype == torch.float32
     assert torch.isfinite(emb["string_to_param"]["*"]).all()
+
+
+def test_console_without_a_terminal_gets_progress_lines_and_no_config_dump(workspace, main_in_process, caplog):
+    """Under pytest stdout is no terminal, as in a redirected log: a line every log_every_n_steps steps and at the
+    last, no bar redrawn at every step, and the merged config only in the run folder, with one line saying where."""
+    caplog.set_level(logging.INFO, logger="ldm")  # another test's in-process command may have quietened "ldm"
+    proc = main_in_process(main_args(workspace, "--max_steps", "5", "--log_every_n_steps", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = re.findall(r"\bstep (\d+)/5: loss_simple [\d.e+-]+, loss_vlb [\d.e+-]+, loss [\d.e+-]+, [\d.]+ it/s$", proc.stderr, re.MULTILINE)
+    assert lines == ["2", "4", "5"], proc.stderr[-3000:]
+    assert "Epoch 0" not in proc.stderr and "\r" not in proc.stderr
+    run = newest_run(workspace)
+    (project,) = (run / "configs").glob("*-project.yaml")
+    assert f"merged config: {project} (and {project.name.removesuffix('-project.yaml')}-lightning.yaml)" in proc.stderr
+    assert "base_learning_rate" in project.read_text() and "base_learning_rate" not in proc.stderr
 
 
 @pytest.mark.parametrize("value,devices,count", [("0,", [0], 1), ("0,3,7,8", [0, 3, 7, 8], 4), ("2", 2, 2), (" 1 ", 1, 1)])

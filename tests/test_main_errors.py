@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from paths import REPO
 from tiny_models import TINY_CONFIGS, make_concept_folder, make_tiny_checkpoint
@@ -32,9 +33,14 @@ def ws(tmp_path_factory):
     (broken / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     mixed = make_concept_folder(root / "mixed", n=2)
     (mixed / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    tiny = make_concept_folder(root / "tiny", n=2)
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(tiny / "pixel.png")
+    notes = root / "notes.txt"
+    notes.write_text("a photo of a cat toy\n")
     return {
         "root": root, "ldm": make_tiny_checkpoint("ldm", root / "ldm.ckpt"), "sd": make_tiny_checkpoint("sd", root / "sd.ckpt"),
         "data": make_concept_folder(root / "data"), "junk": junk, "wide": wide, "empty": empty, "broken": broken, "mixed": mixed,
+        "tiny": tiny, "notes": notes,
     }
 
 
@@ -69,10 +75,32 @@ def test_data_root_without_a_readable_image(ws, main_in_process):
     assert_one_line_error(main_in_process(main_args(ws, data=ws["broken"])), str(ws["broken"]))
 
 
-def test_corrupt_image_is_skipped_with_a_warning(ws, main_in_process):
+def test_corrupt_image_is_skipped_with_one_warning(ws, main_in_process):
+    """main.py checks the folder before building the model and the dataset reads it again: warned about once."""
     proc = main_in_process(main_args(ws, data=ws["mixed"]))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "zz_bad.png" in proc.stderr
+    assert proc.stderr.count("zz_bad.png") == 1, proc.stderr[-2000:]
+
+
+def test_a_one_pixel_image_is_refused_naming_the_file_and_the_minimum(ws, main_in_process):
+    """1x1 would train the word on one flat colour: refused before the model is built."""
+    proc = main_in_process(main_args(ws, data=ws["tiny"]))
+    assert_one_line_error(proc, f"image '{ws['tiny'] / 'pixel.png'}' is 1x1 pixels", "at least 8 pixels per side", "remove it")
+    assert "Restored from" not in proc.stderr  # refused before the model was built
+
+
+def test_a_text_file_as_the_starting_embedding(ws, main_in_process):
+    proc = main_in_process(main_args(ws, "--embedding_manager_ckpt", str(ws["notes"])))
+    assert_one_line_error(proc, f"'{ws['notes']}' is a text file (first line: 'a photo of a cat toy'), not an embedding file")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for machines without a GPU")
+def test_gpus_without_a_gpu_names_accelerator_cpu(ws, main_in_process):
+    proc = main_in_process(main_args(ws, "--gpus", "0,"))
+    assert_one_line_error(proc, "--gpus 0,: this machine has no GPU", "--accelerator cpu")
+    assert "Restored from" not in proc.stderr  # before the model and the Trainer are built
+    proc = main_in_process(main_args(ws, "lightning.trainer.accelerator=cuda"))
+    assert_one_line_error(proc, "accelerator 'cuda'", "no CUDA device", "--accelerator cpu")
 
 
 def test_filewords_template_without_caption_files(ws, main_in_process):
@@ -90,7 +118,7 @@ def test_missing_checkpoint(ws, main_in_process):
 
 
 def test_checkpoint_that_is_not_one(ws, main_in_process):
-    assert_one_line_error(main_in_process(main_args(ws, ckpt=ws["junk"])), "junk.ckpt")
+    assert_one_line_error(main_in_process(main_args(ws, ckpt=ws["junk"])), "junk.ckpt", "is a text file", "not a model checkpoint")
 
 
 def test_yaml_given_as_checkpoint(ws, main_in_process):

@@ -213,3 +213,12 @@ def test_sd2_files_merge_and_families_do_not_mix(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
     code, _, err = run_main(["--manager_ckpts", str(sdxl), "--output_path", str(tmp_path / "n.pt")], capsys)
     assert code == 2 and "with -sd" in err
+
+
+def test_a_text_file_among_the_inputs_is_one_line(tmp_path, capsys):
+    a = star_file(tmp_path / "a.pt", torch.randn(1, 768))
+    (tmp_path / "b.pt").write_text("not an embedding\n")
+    code, _, err = run_main(["--manager_ckpts", str(a), str(tmp_path / "b.pt"), "--output_path", str(tmp_path / "m.pt"), "-sd"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"'{tmp_path / 'b.pt'}' is a text file" in lines[0], lines
+    assert not (tmp_path / "m.pt").exists()

@@ -12,8 +12,12 @@ picture is. It fixes three things the original code got wrong or left to the use
   a Pillow traceback deep inside a DataLoader worker.
 
 :func:`list_image_files` lists a folder's images (sorted, images only, hidden files and sub-folders skipped) and
-:func:`iter_readable_images` / :func:`validate_image_folder` decode them up front, warning once per file that has to
-be skipped. :func:`make_grid` and :func:`save_image_grid` replace ``torchvision.utils.make_grid``/``save_image``
+:func:`iter_readable_images` / :func:`validate_image_folder` decode them up front, warning once per process about each
+file that has to be skipped (``main.py`` checks the folder before building the model, then the dataset reads it
+again: one warning, not two). An image with a side under :data:`MIN_SIDE` pixels is refused, not skipped: no concept
+shows in fewer pixels, so it is a stray file (an icon, a tracking pixel), but it decodes, so the user may have meant
+it, and dropping it silently would change the training set they chose. An image enlarged more than
+:data:`MAX_UPSCALE` times to the training size only gets a warning: blurry, but maybe intended. :func:`make_grid` and :func:`save_image_grid` replace ``torchvision.utils.make_grid``/``save_image``
 (torchvision is not a dependency); the grid layout is torchvision's.
 """
 from __future__ import annotations
@@ -35,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
+MIN_SIDE = 8  # pixels: below this no concept is recognisable (see minimum_side)
+MAX_UPSCALE = 8  # enlarged more than this to the training size, a picture is a blur: warn
 _WHITE = (255, 255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
@@ -61,6 +67,23 @@ class DataRootError(UserError):
             f"data root '{self.folder}' {problem}; point --data_root (data_root in the config) at a folder "
             f"of training images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
+
+
+class ImageTooSmallError(UserError):
+    """A training image too small for the training size: enlarged that much it holds no detail of the concept."""
+
+    def __init__(self, path: str | os.PathLike, width: int, height: int, min_side: int) -> None:
+        self.path = Path(path)
+        super().__init__(
+            f"image '{self.path}' is {width}x{height} pixels; training images need at least {min_side} pixels per side "
+            "(no concept shows in fewer); remove it from the folder or use a larger copy"
+        )
+
+
+def minimum_side(size: int) -> int:
+    """The smallest side a training image may have: :data:`MIN_SIDE` pixels, or the training ``size`` when that is
+    smaller (a picture at the training size is never refused)."""
+    return min(MIN_SIDE, int(size))
 
 
 def load_rgb_image(path: str | os.PathLike) -> Image.Image:
@@ -138,27 +161,57 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def iter_readable_images(folder: str | os.PathLike) -> Iterator[tuple[Path, Image.Image]]:
-    """Yield ``(path, RGB image)`` for every readable image of ``folder``; log one warning per skipped file.
+_warned: set[tuple[str, int, int, str]] = set()  # (file, mtime, size, reason) of every skipped file warned about
 
-    Raises :class:`DataRootError` (after the last file) when no image could be read.
+
+def _warn_once(path: Path, message: str) -> None:
+    """One warning per file, message and process (a changed file, with another mtime, is warned about again)."""
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, message)
+    except OSError:
+        key = (str(path), 0, 0, message)
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+def iter_readable_images(folder: str | os.PathLike, size: int | None = None) -> Iterator[tuple[Path, Image.Image]]:
+    """Yield ``(path, RGB image)`` for every readable image of ``folder``; warn once about each skipped file.
+
+    ``size`` is the training size, when the images are for training: an image with a side under
+    :func:`minimum_side` raises :class:`ImageTooSmallError`, one enlarged more than :data:`MAX_UPSCALE` times gets a
+    warning. Raises :class:`DataRootError` (after the last file) when no image could be read.
     """
     found = False
     for path in list_image_files(folder):
         try:
             image = load_rgb_image(path)
         except ImageLoadError as err:
-            logger.warning("skipping %s", err)
+            _warn_once(path, f"skipping {err}")
             continue
+        if size is not None:
+            check_image_size(path, image, size)
         found = True
         yield path, image
     if not found:
         raise DataRootError(folder, "holds no readable image (every file failed to decode)")
 
 
-def validate_image_folder(folder: str | os.PathLike) -> list[Path]:
-    """Decode every image of ``folder`` up front and return the readable ones (see :func:`iter_readable_images`)."""
-    return [path for path, _ in iter_readable_images(folder)]
+def check_image_size(path: Path, image: Image.Image, size: int) -> None:
+    """Refuse a training image too small to show anything; warn (once) about one enlarged into a blur."""
+    side = min(image.size)
+    if side < minimum_side(size):
+        raise ImageTooSmallError(path, image.width, image.height, minimum_side(size))
+    if side * MAX_UPSCALE < int(size):
+        _warn_once(path, f"image '{path}' is {image.width}x{image.height} pixels and is enlarged more than {MAX_UPSCALE}x to the "
+                         f"training size {size}: it will train on a blurry picture; use a larger copy if you have one")
+
+
+def validate_image_folder(folder: str | os.PathLike, size: int | None = None) -> list[Path]:
+    """Decode every image of ``folder`` up front and return the readable ones (see :func:`iter_readable_images`;
+    ``size``: the training size, whose images are checked)."""
+    return [path for path, _ in iter_readable_images(folder, size)]
 
 
 def make_grid(

@@ -11,7 +11,8 @@ Differences from the original code (deliberate fixes):
 * files come from :func:`ldm.data.images.list_image_files` (sorted by name, image extensions only, hidden files and
   sub-folders skipped) instead of an unsorted ``os.listdir`` that also picked up stray non-image files;
 * unreadable images are skipped with one warning each as long as one image remains; otherwise
-  :class:`ldm.data.images.DataRootError` explains what is wrong with the folder;
+  :class:`ldm.data.images.DataRootError` explains what is wrong with the folder; an image under 8 pixels a side is
+  refused (:class:`ldm.data.images.ImageTooSmallError`), one enlarged more than 8x to ``size`` warned about;
 * images are read by :func:`ldm.data.images.load_rgb_image`: EXIF orientation applied, transparent images composited
   on white, CMYK / 16-bit / float images converted properly to 8-bit RGB;
 * each image is decoded, cropped and resized once, at construction, not on every item;
@@ -272,7 +273,7 @@ class TemplateCaptionDataset(Dataset):
         self.image_paths: list[Path] = []
         self._pixels: list[np.ndarray] = []
         self._geometry: list[tuple[int, int]] = []  # each file's (height, width)
-        for path, image in iter_readable_images(self.data_root):
+        for path, image in iter_readable_images(self.data_root, size):
             self.image_paths.append(path)
             self._geometry.append((image.height, image.width))
             self._pixels.append(self._prepare(image))

@@ -39,6 +39,7 @@ from torch import nn
 
 from ldm.checkpoint import atomic_torch_save
 from ldm.errors import UserError
+from ldm.file_kinds import foreign_kind
 from ldm.io import atomic_write
 from ldm.modules.placeholders import PlaceholderError, Vocabulary
 from ldm.provenance import metadata_to_record, record_to_metadata
@@ -178,6 +179,9 @@ def read_embeddings(path: str | os.PathLike) -> LoadedEmbeddings:
 
 
 def _read_one(p: Path) -> LoadedEmbeddings:
+    kind = foreign_kind(p)
+    if kind is not None:
+        raise EmbeddingFileError(f"'{p}' is {kind}, not an embedding file; pass an embedding (.pt, .bin or .safetensors)")
     if _looks_like_safetensors(p):
         return _read_safetensors(p)
     return _from_pickled(p, _torch_load(p))
@@ -252,14 +256,19 @@ def _torch_load(p: Path) -> Any:
         lines = [line.strip() for line in str(err).splitlines()]
         refused = next((line for line in lines if "GLOBAL" in line), None)
         if refused is None:
-            raise EmbeddingFileError(f"'{p}' is not a readable embedding file (not a PyTorch pickle); pass a .pt, .bin or .safetensors embedding") from err
+            raise EmbeddingFileError(
+                f"'{p}' is a damaged or truncated PyTorch file (UnpicklingError), not a readable embedding; pass a .pt, "
+                ".bin or .safetensors embedding"
+            ) from err
         raise EmbeddingFileError(
             f"'{p}' was refused by the safe reader ({refused[:160]}): it needs Python code to load, which is never run; "
             "pass an embedding file holding tensors only"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError, KeyError, IndexError,
+            struct.error) as err:  # what the safe unpickler trips on in a damaged or cut file
         raise EmbeddingFileError(
-            f"'{p}' is not a readable embedding file ({type(err).__name__}); pass a .pt, .bin or .safetensors embedding"
+            f"'{p}' is a damaged or truncated PyTorch file ({type(err).__name__}), not a readable embedding; pass a .pt, "
+            ".bin or .safetensors embedding"
         ) from err
 
 
@@ -524,6 +533,14 @@ def _write_sdxl(loaded: LoadedEmbeddings, path: str | os.PathLike, fmt: str, pla
     raise ValueError(f"cannot write format '{fmt}'; choose one of {', '.join(WRITABLE_FORMATS)}")
 
 
+def diffusers_target(path: str | os.PathLike) -> Path:
+    """Where a diffusers file goes: ``path`` itself when it names a file (has a suffix), else diffusers' folder layout,
+    ``path/learned_embeds.safetensors`` (SDXL: and ``learned_embeds_2.safetensors`` beside it), as its training script
+    writes and its loaders (and :func:`read_embeddings`) read a folder."""
+    p = Path(path)
+    return p / f"{DIFFUSERS_FIRST}.safetensors" if p.is_dir() or not p.suffix else p
+
+
 def format_for_path(path: str | os.PathLike) -> str:
     """The format a file name asks for: ``.safetensors``/``.bin`` -> diffusers, anything else -> original."""
     return DIFFUSERS if Path(path).suffix.lower() in (".safetensors", ".bin") else ORIGINAL
@@ -550,11 +567,16 @@ def write_embeddings(
     original-style ``.pt``): ``a1111`` is the ``sdxl`` file (what AUTOMATIC1111 reads), ``diffusers`` writes ``path``
     (CLIP-L) and its ``learned_embeds_2`` partner (OpenCLIP-bigG, see :func:`second_file`).
 
+    A diffusers ``path`` without a suffix (or an existing folder) is a folder: ``learned_embeds.safetensors`` goes in it
+    (:func:`diffusers_target`).
+
     ``name`` is the A1111 name (default: the file's name, else the output stem) or the diffusers token, the word its
     users type in prompts (default: the file's A1111 name if it has one, else the placeholder itself, never the
     output file's name). Token ids must be known for the two-key formats (see :func:`fill_token_ids`).
     """
     fmt = fmt or default_format(loaded, path)
+    if fmt == DIFFUSERS:
+        path = diffusers_target(path)
     if loaded.is_sdxl:
         return _write_sdxl(loaded, path, fmt, placeholder, name)
     if fmt == SDXL:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,8 @@ class SetupCallback(pl.Callback):
             folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.cfgdir / f"{self.now}-project.yaml", OmegaConf.to_yaml(self.config))
         atomic_write_text(self.cfgdir / f"{self.now}-lightning.yaml", OmegaConf.to_yaml({"lightning": self.lightning_config}))
-        logger.info("Project config\n%s", OmegaConf.to_yaml(self.config))
+        # the merged config (~100 lines) goes to the run folder only, as the original's configs/; the console gets where
+        logger.info("merged config: %s (and %s-lightning.yaml)", self.cfgdir / f"{self.now}-project.yaml", self.now)
 
 
 class ImageLogger(pl.Callback):
@@ -120,11 +123,66 @@ class ProgressBar(pl.callbacks.TQDMProgressBar):
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
-        shown = {k: v for k, v in trainer.callback_metrics.items() if (k.startswith("train/") and k.endswith("_step")) or k == "global_step"}
-        if shown:
-            values = torch.stack([v.detach().float().reshape(()) for v in shown.values()]).tolist()
-            items.update({k: f"{v:.3g}" if k != "global_step" else int(v) for k, v in zip(shown, values)})
+        items.update(step_metrics(trainer))
         return items
+
+
+def step_metrics(trainer: pl.Trainer) -> dict[str, Any]:
+    """The logged step values (``train/..._step`` losses as 3 significant digits, ``global_step``), read from the
+    device in one copy."""
+    shown = {k: v for k, v in trainer.callback_metrics.items() if (k.startswith("train/") and k.endswith("_step")) or k == "global_step"}
+    if not shown:
+        return {}
+    values = torch.stack([v.detach().float().reshape(()) for v in shown.values()]).tolist()
+    return {k: f"{v:.3g}" if k != "global_step" else int(v) for k, v in zip(shown, values)}
+
+
+class StepLog(pl.callbacks.ProgressBar):
+    """The progress display when stdout, where Lightning's bar goes, is not a terminal (a redirected log, a batch
+    job): one log line (on stderr, with the other log lines) every
+    ``log_every_n_steps`` training steps and at the last, with the step, the losses and the speed since the line
+    before.
+
+    A tqdm bar redraws itself after every step; a terminal overwrites the redraws, a file keeps them all (hundreds of
+    kilobytes of one line per run). The lines come at the steps the metrics logger writes anyway, so reading the
+    losses costs no extra device synchronisation.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._mark = (0, 0.0)  # (step, time) of the last line or of the start
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark = (trainer.global_step, time.perf_counter())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        at_end = total is not None and total > 0 and step >= total
+        if not self._enabled or not trainer.is_global_zero or step == self._mark[0]:
+            return
+        if step % max(1, trainer.log_every_n_steps) and not at_end:
+            return
+        now = time.perf_counter()
+        rate = (step - self._mark[0]) / max(now - self._mark[1], 1e-9)
+        self._mark = (step, now)
+        losses = ", ".join(f"{k.removeprefix('train/').removesuffix('_step')} {v}" for k, v in step_metrics(trainer).items() if k != "global_step")
+        of_total = f"/{total}" if total is not None and total > 0 else f" (epoch {trainer.current_epoch})"
+        logger.info("step %d%s: %s%s%.2f it/s", step, of_total, losses, ", " if losses else "", rate)
+
+
+def progress_display(on_gpu: bool) -> pl.callbacks.ProgressBar:
+    """A bar when stdout (where Lightning's bar writes) is a terminal (refreshed every 10 steps on a GPU, where each
+    refresh reads the losses back from the device; every step on the CPU), else :class:`StepLog`'s lines."""
+    if sys.stdout.isatty():
+        return ProgressBar(refresh_rate=10 if on_gpu else 1)
+    return StepLog()
 
 
 class EmbeddingRescue(pl.Callback):

@@ -17,7 +17,7 @@ from typing import Any
 
 from ldm.config import ConfigError, load_configs
 
-__all__ = ["ConfigError", "count_devices", "get_parser", "load_configs", "parse_devices", "resolve_run", "split_unknown"]
+__all__ = ["ConfigError", "check_accelerator", "count_devices", "get_parser", "load_configs", "parse_devices", "resolve_run", "split_unknown"]
 
 
 def str2bool(v: str | bool) -> bool:
@@ -161,3 +161,25 @@ def count_devices(devices: Any) -> int:
     if isinstance(devices, (list, tuple)):
         return len(devices)
     return devices if isinstance(devices, int) and devices > 0 else 1
+
+
+def gpu_backends() -> dict[str, bool]:
+    """Which of Lightning's GPU accelerators this machine has: ``cuda`` (NVIDIA/ROCm) and ``mps`` (Apple)."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return {"cuda": torch.cuda.is_available(), "mps": bool(mps is not None and mps.is_available())}
+
+
+def check_accelerator(settings: dict[str, Any], gpus: str | None) -> None:
+    """Refuse a GPU accelerator on a machine without one, naming the flag and ``--accelerator cpu``, before the
+    Trainer (and the model) is built: Lightning would only say "No supported gpu backend found!" in a traceback."""
+    accelerator = str(settings.get("accelerator") or "").lower()
+    if accelerator not in ("gpu", "cuda", "mps"):
+        return
+    backends = gpu_backends()
+    if (backends["cuda"] or backends["mps"]) if accelerator == "gpu" else backends[accelerator]:
+        return
+    source = f"--gpus {gpus}" if gpus is not None and str(gpus).strip() else f"accelerator '{accelerator}' (--accelerator or the config)"
+    kind = "Apple MPS" if accelerator == "mps" else "CUDA" if accelerator == "cuda" else "GPU (CUDA or Apple MPS)"
+    raise ConfigError(f"{source}: this machine has no {kind} device; pass --accelerator cpu instead (and no --gpus) to train on the CPU")
