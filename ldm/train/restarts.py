@@ -56,8 +56,8 @@ class BestOfRestarts(pl.Callback):
         self.start_step, self.restored = int(state_dict["start_step"]), True
 
     def position(self) -> str:
-        """Which start is running, for the interrupt message: "start 1 of 2"."""
-        return f"start {min(len(self.results) + 1, self.candidates)} of {self.candidates}"
+        """Which start is running, for the interrupt message: "start 2 of 2, begun at step 560"."""
+        return f"start {min(len(self.results) + 1, self.candidates)} of {self.candidates}, begun at step {self.start_step}"
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
