@@ -233,7 +233,7 @@ def test_interrupted_shapes_inversion_resumes_to_the_same_embedding(tmp_path):
     resume = ["-r", str(run), "-t", "--actual_resume", "models/shapes/model.ckpt", "--data_root", "models/shapes/concepts/orange_cross"]
     assert f"python main.py -r {run} -t" in first.stderr
     # at step 20 DVAR has ended start 1: the checkpoint holds it among the starts done, and start 2 begins there
-    for step, signal_name, saved_at in [(20, "SIGTERM", 20), (47, "SIGINT", 47), (55, "SIGKILL", 40)]:
+    for step, signal_name, saved_at in [(20, "SIGTERM", 20), (33, "SIGINT", 33), (47, "SIGKILL", 40)]:
         cut = shapes_run(resume, step=step, signal_name=signal_name)
         assert cut.returncode != 0, cut.stderr[-3000:]
         assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == saved_at

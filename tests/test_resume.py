@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
+from ldm.train.callbacks import EmbeddingRescue
 from ldm.train.early_stopping import DVAREarlyStopping
 from ldm.train.restarts import BestOfRestarts
 from ldm.train.resume import ResumableDataLoader, StopAtStepEnd, StopRequests, capture_rng, restore_rng
@@ -88,17 +89,18 @@ def test_the_first_signal_waits_for_the_step_and_the_second_stops_at_once():
 
 
 class RequestStopAt(pl.Callback):
-    """Notes a stop request during step ``step``, as the signal handler would."""
+    """Notes a stop request during step ``step``, as the signal handler would (``times=2``: Ctrl-C twice)."""
 
-    def __init__(self, requests, step):
-        self.requests, self.step = requests, step
+    def __init__(self, requests, step, times=1):
+        self.requests, self.step, self.times = requests, step, times
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step - 1:
-            self.requests(2, None)
+            for _ in range(self.times):
+                self.requests(2, None)
 
 
-def inversion(tiny, tmp_path, stop_at=None, ckpt_path=None):
+def inversion(tiny, tmp_path, stop_at=None, ckpt_path=None, times=1):
     """12 steps of a tiny inversion with two starts, DVAR and the deterministic loss; a stop request at ``stop_at``."""
     pl.seed_everything(11, workers=True)
     config = OmegaConf.load(TINY_CONFIGS["ldm"])
@@ -106,13 +108,13 @@ def inversion(tiny, tmp_path, stop_at=None, ckpt_path=None):
     config.data.params.train.params.update(data_root=str(tiny["data"]), repeats=5)  # 15 items: 8 batches an epoch
     config.data.params.pop("validation")
     model, data = instantiate_from_config(config.model), instantiate_from_config(config.data)
-    model.learning_rate = 1e-2
+    model.learning_rate, model.embedding_provenance = 1e-2, {"seed": 11}  # main.py gives the run's record
     requests = StopRequests()
     callbacks = [DeterministicLoss(every_n_steps=2, batch_size=4), DVAREarlyStopping(window=4, threshold=0.3),
                  BestOfRestarts(candidates=2, noise=0.5, score_evals=1)]
     if stop_at:
-        callbacks.append(RequestStopAt(requests, stop_at))
-    callbacks.append(StopAtStepEnd(requests, str(tmp_path), "python main.py -r RUN -t"))
+        callbacks.append(RequestStopAt(requests, stop_at, times))
+    callbacks += [EmbeddingRescue(str(tmp_path), "python main.py -r RUN -t"), StopAtStepEnd(requests, str(tmp_path), "python main.py -r RUN -t")]
     trainer = pl.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=True)
@@ -138,3 +140,13 @@ def test_a_stopped_inversion_resumes_to_the_same_vectors(tiny, whole, tmp_path, 
     assert trainer.global_step == 10
     assert torch.equal(model.embedding_manager.string_to_param_dict["*"], expected)
     assert callbacks[0].history == history
+
+
+def test_a_second_ctrl_c_stops_in_the_step_and_says_where_r_goes_back_to(tiny, tmp_path, caplog):
+    with pytest.raises(SystemExit):
+        inversion(tiny, tmp_path, stop_at=3)
+    with pytest.raises(SystemExit), caplog.at_level("WARNING"):
+        inversion(tiny, tmp_path, stop_at=6, ckpt_path=str(tmp_path / "last.ckpt"), times=2)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3  # not a half step
+    assert torch.load(tmp_path / "embeddings.pt", weights_only=True)["step"] == 4  # the vectors after 5 steps
+    assert "last.ckpt is the checkpoint of step 3: python main.py -r RUN -t resumes from step 3 (the 2 steps" in caplog.text
