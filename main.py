@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import pdb
+import shlex
 import signal
 import sys
 import warnings
@@ -42,9 +43,6 @@ EXPECTED_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",
     r".*Checkpoint directory .* exists and is not empty.*",  # -r resumes into the run's own checkpoint folder
     r".*`validation_step` but have no `val_dataloader`.*",  # inversion configs have no validation set
-    # -r from last.ckpt resumes mid-epoch; the batches are fresh random draws (crops, flips, captions) of a few images,
-    # so which draws come next does not matter
-    r".*resuming from a checkpoint that ended before the epoch ended.*",
 )
 
 
@@ -119,18 +117,31 @@ def personalize(config: Any, opt: Any) -> None:
             node.params.placeholder_token = opt.placeholder_string  # the original kept "*" in the captions
 
 
-def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, resume: bool) -> list[pl.Callback]:
+def resume_command(run: RunPaths, opt: Any) -> str:
+    """The command that resumes ``run`` (for the messages of an interrupted run)."""
+    words = ["python", "main.py", "-r", str(run.logdir), "-t"]
+    if opt.actual_resume:
+        words += ["--actual_resume", opt.actual_resume]
+    if opt.data_root:
+        words += ["--data_root", opt.data_root]
+    if opt.seed != get_parser().get_default("seed"):
+        words += ["-s", str(opt.seed)]
+    return shlex.join(words)
+
+
+def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, resume: bool, stops: Any) -> list[pl.Callback]:
     import pytorch_lightning as pl
 
     from ldm.train.callbacks import EmbeddingRescue, ImageLogger, LossCurve, SetupCallback, progress_display
     from ldm.train.monitoring import EmbeddingMonitor
+    from ldm.train.resume import StopAtStepEnd
     from ldm.util import instantiate_from_config
 
     callbacks: list[pl.Callback] = [
         SetupCallback(resume, run.now, str(run.logdir), str(run.ckptdir), str(run.cfgdir), config, lightning_config),
         pl.callbacks.LearningRateMonitor(logging_interval="step"),
         progress_display(on_gpu=lightning_config.trainer.get("accelerator") in ("gpu", "cuda")),
-        EmbeddingRescue(str(run.ckptdir)),
+        EmbeddingRescue(str(run.ckptdir), resume_command(run, opt)),
         LossCurve(),
     ]
     # one last.ckpt, replaced in place (EmbeddingRescue writes it too at the end; a counter would add last-v1.ckpt, ...)
@@ -144,16 +155,21 @@ def default_callbacks(run: Any, opt: Any, config: Any, lightning_config: Any, re
         callbacks.append(ImageLogger(batch_frequency=750, max_images=4, clamp=True))
     if "personalization_config" in config.model.params and not any(isinstance(cb, EmbeddingMonitor) for cb in callbacks):
         callbacks.append(EmbeddingMonitor())  # norms, nearest words, and the function-word warning
+    # last (ModelCheckpoint aside, which Lightning puts after it): a stop saves once every callback has seen the step
+    callbacks.append(StopAtStepEnd(stops, str(run.ckptdir), resume_command(run, opt)))
     return callbacks
 
 
-def install_signal_handlers() -> None:
-    """SIGTERM behaves like Ctrl-C (save the embedding, exit); SIGUSR1 only where the platform has it."""
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, stop)
+@contextlib.contextmanager
+def signal_handlers(stops: Any) -> Iterator[None]:
+    """Ctrl-C and SIGTERM through ``stops`` (:class:`ldm.train.resume.StopRequests`: during training, a stop at the
+    end of the step with a checkpoint; otherwise at once, saving the embedding); the previous handlers afterwards."""
+    previous = stops.install()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def check_actual_resume(opt: Any, config: Any) -> None:
@@ -270,7 +286,10 @@ def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> N
     lightning_config.trainer = settings
     model = build_model(config, opt)
     data = instantiate_from_config(config.data) if "data" in config else None
-    callbacks = default_callbacks(run, opt, config, lightning_config, bool(run.resume_ckpt))
+    from ldm.train.resume import StopRequests
+
+    stops = StopRequests()
+    callbacks = default_callbacks(run, opt, config, lightning_config, bool(run.resume_ckpt), stops)
     trainer = pl.Trainer(callbacks=callbacks, logger=run_loggers(run.logdir), default_root_dir=str(run.logdir), plugins=[AtomicCheckpointIO()], **settings)
     if data is not None:
         data.setup()
@@ -291,12 +310,12 @@ def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> N
         model.learning_rate = base_lr
         logger.info("++++ NOT USING LR SCALING ++++\nSetting learning rate to %.2e", model.learning_rate)
 
-    install_signal_handlers()
-    if opt.train:
-        safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}  # Lightning >= 2.6
-        trainer.fit(model, data, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None, **safe)
-    if not opt.no_test and not trainer.interrupted and data is not None and data.has("test"):
-        trainer.test(model, data)
+    with signal_handlers(stops):
+        if opt.train:
+            safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}  # Lightning >= 2.6
+            trainer.fit(model, data, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None, **safe)
+        if not opt.no_test and not trainer.interrupted and data is not None and data.has("test"):
+            trainer.test(model, data)
     if trainer.is_global_zero and opt.train:
         logger.info("Done. Embedding: %s  Images: %s", run.ckptdir / "embeddings.pt", run.logdir / "images")
 

@@ -143,7 +143,9 @@ def test_sigterm_saves_the_embedding(workspace):
     emb = list(logs.glob("*/checkpoints/embeddings.pt"))
     assert emb, out[-2000:]
     read_embedding(emb[0])
-    assert "embedding of step" in out
+    # the step in progress finished, and the checkpoint to resume from is the one of the step reached
+    step = int(re.search(r"interrupted at step (\d+)", out).group(1))
+    assert torch.load(emb[0].parent / "last.ckpt", weights_only=True)["global_step"] == step >= 2
 
 
 def test_only_the_embedding_changes(workspace, tmp_path):
@@ -207,3 +209,54 @@ def test_gpus_accepts_lists_and_counts(value, devices, count):
     from ldm.train.cli import count_devices, parse_devices
 
     assert parse_devices(value) == devices and count_devices(parse_devices(value)) == count
+
+
+SHAPES_SHORT = [  # the quickstart on the shipped shapes model, shortened: DVAR stops start 1 at step 20, start 2 at 60
+    "--base", "configs/shapes/shapes-ldm-finetune.yaml", "-t", "--actual_resume", "models/shapes/model.ckpt",
+    "--data_root", "models/shapes/concepts/orange_cross", "--init_word", "shape", "--accelerator", "cpu", "--max_steps", "120",
+    "data.params.train.params.repeats=10",  # 50 items: epochs of 13 batches (the last one of 2)
+    "lightning.modelcheckpoint.params.every_n_train_steps=20", "lightning.callbacks.early_stopping.params.window=20",
+    "lightning.callbacks.early_stopping.params.threshold=0.11", "lightning.callbacks.image_logger.params.batch_frequency=50",
+    "lightning.callbacks.interrupter.target=tests.interrupter.SignalAtStep",
+]
+
+
+def shapes_run(args, step=0, signal_name="SIGINT"):
+    cmd = [sys.executable, str(REPO / "main.py"), *args, f"lightning.callbacks.interrupter.params.step={step}",
+           f"lightning.callbacks.interrupter.params.signal_name={signal_name}"]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def final_state(run):
+    vectors = read_embedding(run / "checkpoints" / "embeddings.pt")["string_to_param"]["*"]
+    return vectors, torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+
+
+@pytest.mark.slow
+def test_interrupted_shapes_inversion_resumes_to_the_same_embedding(tmp_path):
+    """Ctrl-C in start 1 (at the end of an epoch), SIGTERM at start 1's DVAR stop, Ctrl-C in start 2 (mid-epoch),
+    kill -9 in start 2 (resumed from the checkpoint before it), each resumed with -r: the embedding and the step
+    count of the run never interrupted, bit for bit."""
+    whole = shapes_run([*SHAPES_SHORT, "-l", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "DVAR early stopping at step 20" in whole.stderr and "keeping start 2 of 2" in whole.stderr
+    expected, steps = final_state(next((tmp_path / "whole").iterdir()))
+    assert steps == 60
+
+    first = shapes_run([*SHAPES_SHORT, "-l", str(tmp_path / "cut")], step=13)
+    run = next((tmp_path / "cut").iterdir())
+    assert first.returncode == 1 and "interrupted at step 13 (start 1 of 2, begun at step 0)" in first.stderr, first.stderr[-3000:]
+    resume = ["-r", str(run), "-t", "--actual_resume", "models/shapes/model.ckpt", "--data_root", "models/shapes/concepts/orange_cross"]
+    assert f"python main.py -r {run} -t" in first.stderr
+    # at step 20 DVAR has ended start 1: the checkpoint holds it among the starts done, and start 2 begins there
+    for step, signal_name, saved_at in [(20, "SIGTERM", 20), (33, "SIGINT", 33), (47, "SIGKILL", 40)]:
+        cut = shapes_run(resume, step=step, signal_name=signal_name)
+        assert cut.returncode != 0, cut.stderr[-3000:]
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == saved_at
+        if signal_name != "SIGKILL":
+            assert f"interrupted at step {step} (start 2 of 2, begun at step 20)" in cut.stderr, cut.stderr[-3000:]
+    done = shapes_run(resume)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming the epoch at batch 1 of 13" in done.stderr  # step 40 = 3 epochs of 13 + 1 batch
+    vectors, steps = final_state(run)
+    assert steps == 60 and torch.equal(vectors, expected)

@@ -21,6 +21,7 @@ from ldm.checkpoint import atomic_torch_save
 from ldm.data.images import make_grid, save_image_grid
 from ldm.io import atomic_write, atomic_write_text
 from ldm.train.monitoring import log_image_grid
+from ldm.train.resume import StoppedAtStepEnd, checkpoint_step
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,13 @@ class ImageLogger(pl.Callback):
         self.clamp, self.rescale, self.disabled = clamp, rescale, disabled
         self.log_on_batch_idx, self.log_first_step = log_on_batch_idx, log_first_step
         self.log_images_kwargs = dict(log_images_kwargs or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The steps of the doubling schedule still to come (``increase_log_steps``): a resumed run keeps to it."""
+        return {"log_steps": list(self.log_steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.log_steps = [int(step) for step in state_dict["log_steps"]]
 
     def check_frequency(self, step: int) -> bool:
         if step == 0 and not self.log_first_step:
@@ -186,11 +194,17 @@ def progress_display(on_gpu: bool) -> pl.callbacks.ProgressBar:
 
 
 class EmbeddingRescue(pl.Callback):
-    """Saves the embedding and a last checkpoint at the end of training and when a run stops early."""
+    """Saves the embedding and a last checkpoint at the end of training, and the embedding when a run stops early.
 
-    def __init__(self, ckptdir: str) -> None:
+    A stop at the end of a step (Ctrl-C or SIGTERM, :class:`ldm.train.resume.StopAtStepEnd`) has saved both already.
+    Any other stop (a second Ctrl-C, an error) comes in the middle of a step: the embedding of that moment is saved,
+    and ``last.ckpt`` stays the one of the last checkpoint, which the message names with what ``-r`` will do.
+    """
+
+    def __init__(self, ckptdir: str, resume_command: str = "python main.py -r <run> -t") -> None:
         super().__init__()
         self.ckptdir = Path(ckptdir)
+        self.resume_command = resume_command
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1 and getattr(pl_module, "embedding_manager", None) is not None:
@@ -198,12 +212,21 @@ class EmbeddingRescue(pl.Callback):
         trainer.save_checkpoint(self.ckptdir / "last.ckpt", weights_only=False)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if getattr(pl_module, "embedding_manager", None) is None or not trainer.is_global_zero:
+        if isinstance(exception, StoppedAtStepEnd) or getattr(pl_module, "embedding_manager", None) is None or not trainer.is_global_zero:
             return
         step = max(trainer.global_step - 1, 0)
         if pl_module.embeddings_are_finite():
             pl_module.save_embeddings(self.ckptdir, step)
             logger.warning("run stopped (%s): embedding of step %d saved to %s", type(exception).__name__, step, self.ckptdir / "embeddings.pt")
+        last = self.ckptdir / "last.ckpt"
+        resumable = checkpoint_step(last)
+        if resumable is None:
+            logger.warning("no checkpoint to resume from yet: -r cannot continue this run (start it again, or from the "
+                           "embedding with --embedding_manager_ckpt)")
+        else:
+            logger.warning("%s is the checkpoint of step %d: %s resumes from step %d (the %d steps after it are done "
+                           "again, to the same result)", last, resumable, self.resume_command, resumable,
+                           max(trainer.global_step - resumable, 0))
 
 
 def check_ranks_agree(pl_module: pl.LightningModule) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
+from ldm.train.resume import ResumableDataLoader
 from ldm.util import instantiate_from_config
 
 
@@ -57,7 +58,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
             self.datasets[name] = WrappedDataset(dataset) if self.wrap else dataset
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        # training: a loader Lightning resumes mid-epoch with the interrupted run's order and draws (ldm.train.resume)
+        loader_class = ResumableDataLoader if name == "train" else DataLoader
+        return loader_class(
             self.datasets[name], batch_size=self.batch_size, num_workers=self.num_workers, shuffle=shuffle,
             persistent_workers=self.num_workers > 0,
         )

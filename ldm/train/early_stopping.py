@@ -55,6 +55,7 @@ class DVAREarlyStopping(pl.Callback):
         self.source: DeterministicLoss | None = None
         self.stopped_at: int | None = None
         self._seen = 0
+        self.restored = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sources = [cb for cb in trainer.callbacks if isinstance(cb, DeterministicLoss)]
@@ -62,7 +63,15 @@ class DVAREarlyStopping(pl.Callback):
             raise ConfigError("DVAR early stopping needs the deterministic loss: add the callback "
                               "ldm.train.validation.DeterministicLoss to lightning.callbacks (before it)")
         self.source = sources[0] if sources else None
-        self.reset()
+        if not self.restored:
+            self.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self._seen, "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run goes on counting the deterministic-loss history where the checkpoint left it."""
+        self._seen, self.stopped_at, self.restored = int(state_dict["seen"]), state_dict["stopped_at"], True
 
     def reset(self) -> None:
         """Forget what was seen: the deterministic loss starts a new history (a restart)."""

@@ -33,6 +33,7 @@ class BestOfRestarts(pl.Callback):
         self.candidates, self.noise, self.score_evals = candidates, noise, score_evals
         self.results: list[tuple[float, int, dict[str, torch.Tensor]]] = []
         self.start_step = 0
+        self.restored = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.source = next((cb for cb in trainer.callbacks if isinstance(cb, DeterministicLoss)), None)
@@ -41,7 +42,22 @@ class BestOfRestarts(pl.Callback):
                               "to lightning.callbacks (before it)")
         self.dvar = next((cb for cb in trainer.callbacks if isinstance(cb, DVAREarlyStopping)), None)
         self.budget = max(1, trainer.max_steps // self.candidates) if trainer.max_steps and trainer.max_steps > 0 else None
-        self.results, self.start_step = [], trainer.global_step
+        if not self.restored:
+            self.results, self.start_step = [], trainer.global_step
+
+    def state_dict(self) -> dict[str, Any]:
+        """The starts done (score, step, vectors) and where the current one began: a resumed run goes on with it."""
+        results = [{"score": score, "step": step, "vectors": {k: v.detach().cpu() for k, v in vectors.items()}}
+                   for score, step, vectors in self.results]
+        return {"results": results, "start_step": self.start_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.results = [(float(r["score"]), int(r["step"]), dict(r["vectors"])) for r in state_dict["results"]]
+        self.start_step, self.restored = int(state_dict["start_step"]), True
+
+    def position(self) -> str:
+        """Which start is running, for the interrupt message: "start 2 of 2, begun at step 560"."""
+        return f"start {min(len(self.results) + 1, self.candidates)} of {self.candidates}, begun at step {self.start_step}"
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

@@ -15,6 +15,7 @@ training run gives the same steps with or without it.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -119,7 +120,11 @@ def deterministic_loss(model: Any, batch: FixedBatch) -> float:
 class DeterministicLoss(pl.Callback):
     """Logs ``val/loss_det`` (the loss on a fixed batch) before the first step and every ``every_n_steps`` steps.
 
-    ``history`` keeps ``(step, value)`` for the early stopping of :mod:`ldm.train.early_stopping`.
+    ``history`` keeps ``(step, value)`` for the early stopping of :mod:`ldm.train.early_stopping`; it travels in
+    the run's checkpoints (``state_dict``), so a resumed run continues it. The batch itself is not stored: it is a
+    function of the images, the frozen first stage and ``seed``, and is made again on resume; its fingerprint is
+    stored, and a resumed run whose batch differs (other images or model) says so, since its history then mixes
+    two measures.
     """
 
     def __init__(self, every_n_steps: int = 10, batch_size: int = 8, seed: int = 0) -> None:
@@ -129,14 +134,27 @@ class DeterministicLoss(pl.Callback):
         self.every_n_steps, self.batch_size, self.seed = every_n_steps, batch_size, seed
         self.batch: FixedBatch | None = None
         self.history: list[tuple[int, float]] = []
+        self.restored_fingerprint: str | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = trainer.datamodule.datasets["train"] if trainer.datamodule is not None else trainer.train_dataloader.dataset
         dataset = getattr(dataset, "data", dataset)  # WrappedDataset
         self.batch = build_fixed_batch(pl_module, dataset, self.batch_size, self.seed)
+        if self.restored_fingerprint is not None:
+            if self.restored_fingerprint and self.restored_fingerprint != batch_fingerprint(self.batch):
+                logger.warning("the deterministic-loss batch differs from the one of the interrupted run (other images "
+                               "or model?): %s continues a history measured on another batch", LOSS_KEY)
+            return
         self.history = []
         if trainer.global_step == 0:
             self.record(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "fingerprint": batch_fingerprint(self.batch) if self.batch is not None else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(step), float(value)) for step, value in state_dict["history"]]
+        self.restored_fingerprint = state_dict.get("fingerprint") or ""
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps == 0:
@@ -148,6 +166,15 @@ class DeterministicLoss(pl.Callback):
         self.history.append((trainer.global_step, value))
         log_now(trainer, {LOSS_KEY: value})
         return value
+
+
+def batch_fingerprint(batch: FixedBatch) -> str:
+    """A SHA-256 of the batch's latents, noise, timesteps and captions (to tell a resumed run's batch from another)."""
+    digest = hashlib.sha256()
+    for tensor in (batch.latents, batch.noise, batch.timesteps):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update("\n".join(batch.captions).encode())
+    return digest.hexdigest()
 
 
 def log_now(trainer: pl.Trainer, metrics: dict[str, float]) -> None:

@@ -151,13 +151,15 @@ class InversionTrainingMixin:
         cache = self.latent_cache
         keys = batch.get("cache_keys") or list(zip(batch["index"].tolist(), batch["flip"].tolist()))
         keys = [(int(i), bool(f)) for i, f in keys[: x.shape[0]]]
-        missing = [j for j, k in enumerate(keys) if k not in cache]
-        if missing:
+        # each (image, flip) alone: a convolution's last bits depend on the batch it runs in, and the cache must not
+        # depend on which batch met a pair first (a resumed run meets it in another one)
+        for j, key in enumerate(keys):
+            if key in cache:
+                continue
             with torch.no_grad():
-                post = self.encode_first_stage(x[missing])
-            means, stds = (post.mean, post.std) if isinstance(post, DiagonalGaussianDistribution) else (post, torch.zeros_like(post))
-            for j, mean, std in zip(missing, means, stds):
-                cache[keys[j]] = (mean.detach(), std.detach())
+                post = self.encode_first_stage(x[j : j + 1])
+            mean, std = (post.mean, post.std) if isinstance(post, DiagonalGaussianDistribution) else (post, torch.zeros_like(post))
+            cache[key] = (mean[0].detach(), std[0].detach())
         mean = torch.stack([cache[k][0] for k in keys]).to(x.device)
         std = torch.stack([cache[k][1] for k in keys]).to(x.device)
         return self.scale_factor * (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype))
