@@ -3,11 +3,16 @@ shapes world, and writes the JSON, a markdown table and a plot.
 
     python scripts/robustness.py --concept orange_cross pink_background --seeds 1 2 3 4 5 \
         --sets shipped 1 103 104 --outdir outputs/robustness
+    python scripts/robustness.py --concepts white:star yellow:square --sets 1 2 --seeds 1 2 3 \
+        --outdir outputs/concepts
 
 * picture sets: ``shipped`` is the concept folder under ``models/shapes/concepts``; a number ``S`` is a new set of
   five pictures drawn by :func:`ldm.data.shapes.concept_scenes` with generator seed ``S`` (the shipped folders'
   parameters: size, offsets, backgrounds, caption files), written by this tool into ``<outdir>/sets`` (the same
   pictures on every machine);
+* any concept of the world, ``--concepts COLOUR:SHAPE``: picture set ``S`` is drawn by
+  :func:`ldm.data.shapes.concept_set` (each set its own size, offset direction and one to three named backgrounds,
+  caption files naming them) and inverted with the orange cross's command (``*`` from "shape");
 * runs: the shipped command of each concept (``configs/shapes/shapes-ldm-finetune.yaml``; the pink background adds
   ``background-templates.yaml`` and learns ``&`` from "white"), ``--seed`` per run, ``--jobs`` at a time, one torch
   thread each; extra ``key=value`` overrides after ``--`` are passed to every run (to compare remedies);
@@ -16,7 +21,12 @@ shapes world, and writes the JSON, a markdown table and a plot.
     "a photo of a * on a blue/green background" judged an orange cross on that background (mean of the two);
   - pink background ``&``: reconstruction = share of "a photo of a shape on a & background" drawn on pink;
     editability = share of "a photo of a <colour> <shape> on a & background" (random named objects) drawn on pink;
+  - ``COLOUR:SHAPE`` ``*``: the same as the orange cross with its colour and shape, edited onto the two backgrounds
+    of :func:`ldm.data.shapes.edit_backgrounds` (blue and green unless the shape or the pictures have them);
   - a run succeeds when reconstruction >= 90% and editability >= 85%.
+* every start of a run (``BestOfRestarts`` saves them) is judged too, and scored by the override signals of
+  :mod:`ldm.train.override` ("a photo of a * on a <background> background" over all named backgrounds), so that a
+  rule choosing among starts can be measured afterwards (``details.starts`` in the JSON).
 
 A run whose ``result.json`` exists is not run again, so the command can be resumed and re-tabulated.
 """
@@ -54,6 +64,13 @@ class Concept:
     configs: tuple[str, ...]
     placeholder: str
     init_word: str
+    colour: str | None = None  # set for a drawn concept (--concepts COLOUR:SHAPE)
+    shape: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The concept in file names (``white-star``; a drawn orange cross does not share the shipped one's runs)."""
+        return self.name.replace(":", "-")
 
 
 CONCEPTS = {
@@ -61,6 +78,17 @@ CONCEPTS = {
     "pink_background": Concept("pink_background", ("configs/shapes/shapes-ldm-finetune.yaml",
                                                    "configs/shapes/background-templates.yaml"), "&", "white"),
 }
+
+
+def drawn_concept(text: str) -> Concept:
+    """``"white:star"`` as a concept inverted with the shipped command; ValueError naming the choices otherwise."""
+    from ldm.data.shapes import COLOURS, SHAPES
+
+    colour, _, shape = text.partition(":")
+    if colour not in COLOURS or shape not in SHAPES:
+        raise ValueError(f"'{text}' is not COLOUR:SHAPE with a colour of {', '.join(COLOURS)} and a shape of "
+                         f"{', '.join(SHAPES)}")
+    return Concept(f"{colour}:{shape}", CONCEPTS["orange_cross"].configs, "*", "shape", colour, shape)
 
 
 @dataclass
@@ -80,28 +108,42 @@ class RunResult:
     details: dict
 
 
-def picture_folder(concept: str, picture_set: str, outdir: Path) -> Path:
+def picture_folder(concept: Concept, picture_set: str, outdir: Path) -> Path:
     """The shipped folder, or a new set drawn with generator seed ``picture_set`` (written once, deterministic)."""
     if picture_set == "shipped":
-        return ROOT / "models/shapes/concepts" / concept
-    from ldm.data.shapes import concept_filewords, concept_scenes, write_concept
+        if concept.colour is not None:
+            raise ValueError(f"{concept.name} has no shipped pictures; give --sets as generator seeds")
+        return ROOT / "models/shapes/concepts" / concept.name
+    from ldm.data.shapes import concept_filewords, concept_scenes, concept_set, write_concept
 
-    folder = outdir / "sets" / f"{concept}_{picture_set}"
+    folder = outdir / "sets" / f"{concept.key}_{picture_set}"
     if not (folder / "04.png").exists():
-        scenes = concept_scenes(concept, 5, seed=int(picture_set))
-        write_concept(folder, scenes, 32, filewords=[concept_filewords(concept, s) for s in scenes])
+        if concept.colour is not None:
+            scenes = concept_set(concept.colour, concept.shape, int(picture_set))
+            words = [scene.background for scene in scenes]
+        else:
+            scenes = concept_scenes(concept.name, 5, seed=int(picture_set))
+            words = [concept_filewords(concept.name, scene) for scene in scenes]
+        write_concept(folder, scenes, 32, filewords=words)
     return folder
 
 
+def seen_backgrounds(folder: Path) -> list[str]:
+    """The backgrounds the caption files of a drawn concept's pictures name (in order, each once)."""
+    return list(dict.fromkeys(p.read_text().strip() for p in sorted(folder.glob("*.txt"))))
+
+
 def run_id(concept: str, picture_set: str, seed: int) -> str:
-    return f"{concept}_{picture_set}_s{seed}"
+    """A run's folder name: ``white-star_1_s2`` (a concept's name in files has no colon)."""
+    return f"{concept.replace(':', '-')}_{picture_set}_s{seed}"
 
 
 def invert(concept: Concept, folder: Path, seed: int, rundir: Path, overrides: list[str]) -> tuple[float, Path, int]:
     """Run ``main.py`` (one torch thread); returns its wall time, the embedding file and the step it stopped at."""
     cmd = [sys.executable, str(ROOT / "main.py"), "--base", *concept.configs, "-t", "--actual_resume", CKPT,
            "-n", rundir.name, "--data_root", str(folder), "--init_word", concept.init_word, "--seed", str(seed),
-           "-l", str(rundir / "logs"), "--placeholder_string", concept.placeholder, "--no-test", "true", *overrides]
+           "-l", str(rundir / "logs"), "--placeholder_string", concept.placeholder, "--no-test", "true",
+           "lightning.callbacks.restarts.params.save_starts=true", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     shutil.rmtree(rundir / "logs", ignore_errors=True)  # what an interrupted earlier try left (it has no result.json)
     rundir.mkdir(parents=True, exist_ok=True)
@@ -130,24 +172,67 @@ def starts_from_log(log: str) -> dict:
     return {"starts": starts, "kept": int(kept.group(1)) if kept else None} if starts else {}
 
 
-def judge(concept: str, embedding: Path, samples: int) -> dict:
-    """Reconstruction and editability of the learned word (see the module docstring)."""
+def concept_of(name: str) -> Concept:
+    return CONCEPTS[name] if name in CONCEPTS else drawn_concept(name)
+
+
+def concept_scores(evaluator, concept: Concept, edit_backs: list[str]) -> dict:
+    """Reconstruction and editability of ``*`` as ``concept`` (see the module docstring)."""
+    import numpy as np
+
+    from evaluation.shapes_eval import TEMPLATE, edit_prompt
+
+    if concept.colour is None:
+        scores = evaluator.word_scores("learned", "*")
+        return {"reconstruction": scores.reconstruction, "editability": scores.editability, "edits": scores.edits}
+
+    def share(prompt: str, background: str | None) -> float:
+        return float(np.mean([j.matches(concept.shape, concept.colour, background) for j in evaluator.judged(prompt)]))
+
+    edits = {b: share(edit_prompt("*", b), b) for b in edit_backs}
+    return {"reconstruction": share(TEMPLATE.format("*"), None), "editability": float(np.mean(list(edits.values()))),
+            "edits": edits}
+
+
+def signal_prompts() -> list[str]:
+    """The word next to every named background: what the override signals read (the same for every concept)."""
+    from ldm.data.shapes import NAMED_BACKGROUNDS
+
+    return [f"a photo of a * on a {b} background" for b in NAMED_BACKGROUNDS]
+
+
+def judge(name: str, embedding: Path, samples: int, edit_backs: list[str]) -> dict:
+    """Reconstruction and editability of the learned word (see the module docstring); for ``*`` words also the
+    override signals, and the same for every start saved next to the embedding (``starts``)."""
     import numpy as np
     import torch
 
     from evaluation.shapes_eval import SampleSettings, ShapesJudgeEvaluator, TEMPLATE
     from ldm.data.shapes import UNNAMED_BACKGROUND
     from ldm.inference import load_model_from_config
+    from ldm.train.override import override_signals, set_reference
 
     torch.set_num_threads(1)
+    concept = concept_of(name)
     model = load_model_from_config(INFERENCE_CONFIG, ROOT / CKPT, "cpu", embedding_path=embedding)
     evaluator = ShapesJudgeEvaluator(model, SampleSettings(n_samples=samples, batch_size=samples))
-    if concept == "orange_cross":
-        scores = evaluator.word_scores("learned", "*")
-        return {"reconstruction": scores.reconstruction, "editability": scores.editability, "edits": scores.edits}
-    got = evaluator.judged(f"{TEMPLATE.format('shape')} on a & background")
-    recon = float(np.mean([j.background == UNNAMED_BACKGROUND for j in got]))
-    return {"reconstruction": recon, "editability": evaluator.background_share(" on a & background", n=samples)}
+    if concept.placeholder != "*":
+        got = evaluator.judged(f"{TEMPLATE.format('shape')} on a & background")
+        recon = float(np.mean([j.background == UNNAMED_BACKGROUND for j in got]))
+        return {"reconstruction": recon, "editability": evaluator.background_share(" on a & background", n=samples)}
+    set_reference(model, concept.init_word)
+    scores = concept_scores(evaluator, concept, edit_backs) | {"signals": override_signals(model, signal_prompts())}
+    kept = model.embedding_manager.string_to_param_dict["*"].detach().clone()
+    starts = []
+    for path in sorted(embedding.parent.glob("start*.pt")):
+        model.embedding_manager.load(path)
+        if torch.equal(model.embedding_manager.string_to_param_dict["*"].detach(), kept):  # judged above already
+            starts.append({"file": path.name, "kept": True, **scores})
+        else:
+            starts.append({"file": path.name, "kept": False, **concept_scores(evaluator, concept, edit_backs),
+                           "signals": override_signals(model, signal_prompts())})
+    scores["judged_starts"] = starts
+    return scores
 
 
 def one_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples: int, overrides: list[str]) -> RunResult:
@@ -155,9 +240,13 @@ def one_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples
     saved = rundir / "result.json"
     if saved.exists():
         return RunResult(**json.loads(saved.read_text()))
-    folder = picture_folder(concept.name, picture_set, outdir)
+    folder = picture_folder(concept, picture_set, outdir)
     wall, embedding, steps = invert(concept, folder, seed, rundir, overrides)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--judge", concept.name, str(embedding), "--samples", str(samples)]
+    if concept.colour is not None:
+        from ldm.data.shapes import edit_backgrounds
+
+        cmd += ["--edit-backgrounds", *edit_backgrounds(concept.colour, seen_backgrounds(folder))]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     scores = json.loads(subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     recon, edit = scores.pop("reconstruction"), scores.pop("editability")
@@ -236,7 +325,10 @@ def plot(results: list[RunResult], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--concept", nargs="+", choices=sorted(CONCEPTS), default=["orange_cross", "pink_background"])
+    p.add_argument("--concept", nargs="+", choices=sorted(CONCEPTS), default=None,
+                   help="shipped concepts (default: both, unless --concepts is given)")
+    p.add_argument("--concepts", nargs="+", default=[], metavar="COLOUR:SHAPE",
+                   help="any concept of the world, e.g. white:star yellow:square (new picture sets only)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="inversion seeds (main.py --seed)")
     p.add_argument("--sets", nargs="+", default=["shipped", "1", "103", "104"],
                    help="picture sets: 'shipped' or a generator seed for a new set of five pictures")
@@ -245,11 +337,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outdir", default="outputs/robustness")
     p.add_argument("--report", action="store_true", help="only tabulate the runs already done (their result.json)")
     p.add_argument("--judge", nargs=2, metavar=("CONCEPT", "EMBEDDING"), help=argparse.SUPPRESS)
+    p.add_argument("--edit-backgrounds", nargs="*", default=[], help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run (after --)")
     opt = p.parse_args(argv)
     for s in opt.sets:
         if s != "shipped" and not s.isdigit():
             p.error(f"--sets: '{s}' is neither 'shipped' nor a generator seed (a whole number)")
+    for text in opt.concepts:
+        try:
+            drawn_concept(text)
+        except ValueError as exc:
+            p.error(f"--concepts: {exc}")
+    if opt.concepts and "shipped" in opt.sets:
+        p.error("--sets: drawn concepts (--concepts) have no 'shipped' pictures; give generator seeds only")
+    if opt.concept is None:
+        opt.concept = [] if opt.concepts else ["orange_cross", "pink_background"]
     return opt
 
 
@@ -258,11 +360,12 @@ def main(argv: list[str] | None = None) -> None:
     opt = parse_args(argv)
     if opt.judge:
         logging.disable(logging.WARNING)
-        print(json.dumps(judge(opt.judge[0], Path(opt.judge[1]), opt.samples)))
+        print(json.dumps(judge(opt.judge[0], Path(opt.judge[1]), opt.samples, opt.edit_backgrounds)))
         return
     outdir = Path(opt.outdir).resolve()
+    names = [*opt.concept, *opt.concepts]
     # seed by seed, so that a sweep cut short has covered every concept and picture set equally
-    jobs = [(CONCEPTS[c], s, seed) for seed in opt.seeds for s in opt.sets for c in opt.concept]
+    jobs = [(concept_of(c), s, seed) for seed in opt.seeds for s in opt.sets for c in names]
     if opt.report:
         saved = [outdir / "runs" / run_id(c.name, s, seed) / "result.json" for c, s, seed in jobs]
         results = [RunResult(**json.loads(path.read_text())) for path in saved if path.exists()]
@@ -271,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with ThreadPoolExecutor(max_workers=max(1, opt.jobs)) as pool:
             results = list(pool.map(lambda job: guarded_run(*job, outdir, opt.samples, opt.overrides), jobs))
-    results.sort(key=lambda r: (opt.concept.index(r.concept), opt.sets.index(r.picture_set), r.seed))
+    results.sort(key=lambda r: (names.index(r.concept), opt.sets.index(r.picture_set), r.seed))
     totals = summary(results)
     payload = {"command": sys.argv, "overrides": opt.overrides, "samples": opt.samples, "summary": totals,
                "runs": [asdict(r) for r in results]}

@@ -9,6 +9,7 @@ A candidate ends when DVAR (:mod:`ldm.train.early_stopping`, if configured) says
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,13 +25,15 @@ logger = logging.getLogger(__name__)
 class BestOfRestarts(pl.Callback):
     """Train ``candidates`` starts in turn and keep the lowest deterministic loss (mean of its last ``score_evals``
     evaluations). ``noise`` is the relative size of the noise added to the init word for every start after the first
-    (the first keeps the start the model was built with)."""
+    (the first keeps the start the model was built with). With ``save_starts``, every start's vectors are also written
+    next to the run's checkpoints (``start1.pt``, ...; with the deterministic loss and step), so that starts can be
+    compared afterwards (judged, or scored by another signal) without running them again."""
 
-    def __init__(self, candidates: int = 3, noise: float = 0.1, score_evals: int = 5) -> None:
+    def __init__(self, candidates: int = 3, noise: float = 0.1, score_evals: int = 5, save_starts: bool = False) -> None:
         super().__init__()
         if candidates < 1 or score_evals < 1:
             raise ConfigError("BestOfRestarts needs candidates >= 1 and score_evals >= 1")
-        self.candidates, self.noise, self.score_evals = candidates, noise, score_evals
+        self.candidates, self.noise, self.score_evals, self.save_starts = candidates, noise, score_evals, save_starts
         self.results: list[tuple[float, int, dict[str, torch.Tensor]]] = []
         self.start_step = 0
 
@@ -56,6 +59,11 @@ class BestOfRestarts(pl.Callback):
         self.results.append((score, step, {k: v.detach().clone() for k, v in manager.string_to_param_dict.items()}))
         logger.info("start %d of %d: deterministic loss %.5f after %d steps", len(self.results), self.candidates, score,
                     step - self.start_step)
+        if self.save_starts and trainer.is_global_zero:
+            folder = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            manager.save(folder / f"start{len(self.results)}.pt",
+                         extra={"deterministic_loss": score, "step": step - self.start_step})
         if len(self.results) < self.candidates and not last:
             trainer.should_stop = False
             self.restart(trainer, pl_module)
