@@ -297,6 +297,41 @@ def markdown_table(results: list[RunResult], totals: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SIGNALS = ("text_override", "text_contrast", "text_contrast_min", "unet_contrast", "unet_contrast_min")
+
+
+def start_rows(results: list[RunResult]) -> list[dict]:
+    """Every judged start of every run: its deterministic loss (from the log), judgement and override signals."""
+    rows = []
+    for r in results:
+        logged = r.details.get("starts", [])
+        for k, start in enumerate(r.details.get("judged_starts", [])):
+            rows.append({"run": run_id(r.concept, r.picture_set, r.seed), "start": k + 1, "kept": start["kept"],
+                         "loss": logged[k]["loss"] if k < len(logged) else float("nan"),
+                         "reconstruction": start["reconstruction"], "editability": start["editability"],
+                         "edits": start["edits"], **start["signals"]})
+    return rows
+
+
+def starts_table(rows: list[dict]) -> str:
+    """The starts as a markdown table, and for each signal its range over the starts that reconstruct (>= 90%) and
+    edit (>= 85%) against those that reconstruct but do not edit: does the signal tell them apart?"""
+    lines = ["| run | start | kept | det. loss | reconstruction | editability | " + " | ".join(SIGNALS) + " |",
+             "| --- | ---: | :---: | ---: | ---: | ---: |" + " ---: |" * len(SIGNALS)]
+    for row in rows:
+        lines.append(f"| {row['run']} | {row['start']} | {'yes' if row['kept'] else ''} | {row['loss']:.5f} | "
+                     f"{row['reconstruction']:.0%} | {row['editability']:.0%} | "
+                     + " | ".join(f"{row[name]:.4f}" for name in SIGNALS) + " |")
+    good = [r for r in rows if r["reconstruction"] >= RECON_MIN and r["editability"] >= EDIT_MIN]
+    stuck = [r for r in rows if r["reconstruction"] >= RECON_MIN and r["editability"] < EDIT_MIN]
+    lines += ["", f"- starts that reconstruct and edit: {len(good)}; reconstruct but fail editability: {len(stuck)}"]
+    for name in SIGNALS:
+        spans = [f"{label} {min(r[name] for r in group):.4f}–{max(r[name] for r in group):.4f}"
+                 for label, group in (("edit", good), ("fail", stuck)) if group]
+        lines.append(f"- {name}: " + ", ".join(spans))
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: list[RunResult], path: Path) -> None:
     import matplotlib
 
@@ -380,6 +415,9 @@ def main(argv: list[str] | None = None) -> None:
                "runs": [asdict(r) for r in results]}
     (outdir / "results.json").write_text(json.dumps(payload, indent=2))
     (outdir / "table.md").write_text(markdown_table(results, totals))
+    starts = start_rows(results)
+    if starts:
+        (outdir / "starts.md").write_text(starts_table(starts))
     plot(results, outdir / "robustness.png")
     print(markdown_table(results, totals))
     print(f"results: {outdir / 'results.json'}  table: {outdir / 'table.md'}  plot: {outdir / 'robustness.png'}")

@@ -30,8 +30,8 @@ def test_the_init_words_own_vectors_change_nothing(model):
         learned(model).copy_(model.embedding_manager.initial_embeddings["*"])
     signals = override_signals(model, PROMPTS)
     assert signals["text_override"] == pytest.approx(0.0, abs=1e-10)
-    assert signals["text_contrast"] == pytest.approx(1.0, abs=1e-5)
-    assert signals["unet_contrast"] == pytest.approx(1.0, abs=1e-5)
+    for name in ("text_contrast", "text_contrast_min", "unet_contrast", "unet_contrast_min"):
+        assert signals[name] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_vectors_far_from_the_init_word_move_the_context_and_are_repeatable(model):
@@ -45,6 +45,8 @@ def test_vectors_far_from_the_init_word_move_the_context_and_are_repeatable(mode
         assert first["text_override"] > 1e-4
     assert first["text_contrast"] != pytest.approx(1.0, abs=1e-4)
     assert first["unet_contrast"] != pytest.approx(1.0, abs=1e-4)
+    assert first["text_contrast_min"] <= first["text_contrast"] * 1.0001  # the smallest per-prompt ratio
+    assert first["unet_contrast_min"] <= first["unet_contrast"] * 1.0001
 
 
 def test_a_loaded_word_gets_the_init_words_reference(model):

@@ -100,3 +100,18 @@ def test_each_start_and_the_kept_one_are_read_from_the_run_log():
     assert got["kept"] == 2
     assert got["starts"] == [{"loss": 0.02905, "steps": 530}, {"loss": 0.02751, "steps": 520}, {"loss": 0.02912, "steps": 800}]
     assert robustness.starts_from_log("Epoch 1: no restarts configured\n") == {}
+
+
+def test_the_starts_table_sets_the_signals_of_editing_starts_against_failing_ones():
+    def start(kept, recon, edit, contrast):
+        signals = dict.fromkeys(robustness.SIGNALS, 0.5) | {"unet_contrast": contrast}
+        return {"kept": kept, "reconstruction": recon, "editability": edit, "edits": {}, "signals": signals}
+
+    run = result(1, 1.0, 1.0)
+    run.details = {"starts": [{"loss": 0.03, "steps": 500}, {"loss": 0.02, "steps": 510}],
+                   "judged_starts": [start(False, 1.0, 0.1, 0.4), start(True, 1.0, 1.0, 0.9)]}
+    rows = robustness.start_rows([run])
+    assert [(r["start"], r["kept"], r["loss"]) for r in rows] == [(1, False, 0.03), (2, True, 0.02)]
+    table = robustness.starts_table(rows)
+    assert "reconstruct and edit: 1; reconstruct but fail editability: 1" in table
+    assert "- unet_contrast: edit 0.9000–0.9000, fail 0.4000–0.4000" in table
