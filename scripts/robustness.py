@@ -15,7 +15,8 @@ shapes world, and writes the JSON, a markdown table and a plot.
   caption files naming them) and inverted with the orange cross's command (``*`` from "shape");
 * runs: the shipped command of each concept (``configs/shapes/shapes-ldm-finetune.yaml``; the pink background adds
   ``background-templates.yaml`` and learns ``&`` from "white"), ``--seed`` per run, ``--jobs`` at a time, one torch
-  thread each; extra ``key=value`` overrides after ``--`` are passed to every run (to compare remedies);
+  thread each; extra ``key=value`` overrides after ``--`` are passed to every run, and ``--extra-config FILE`` is
+  merged after each concept's configs (to compare remedies);
 * judging (:mod:`evaluation.shapes_eval`, DDIM 20 steps, guidance 3, ``--samples`` per prompt):
   - orange cross ``*``: reconstruction = share of "a photo of a *" judged an orange cross; editability = share of
     "a photo of a * on a blue/green background" judged an orange cross on that background (mean of the two);
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -370,6 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=32, help="samples per judged prompt")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--outdir", default="outputs/robustness")
+    p.add_argument("--extra-config", nargs="+", default=[], metavar="FILE",
+                   help="config files merged after each concept's own (a remedy to compare)")
     p.add_argument("--report", action="store_true", help="only tabulate the runs already done (their result.json)")
     p.add_argument("--judge", nargs=2, metavar=("CONCEPT", "EMBEDDING"), help=argparse.SUPPRESS)
     p.add_argument("--edit-backgrounds", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -378,6 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for s in opt.sets:
         if s != "shipped" and not s.isdigit():
             p.error(f"--sets: '{s}' is neither 'shipped' nor a generator seed (a whole number)")
+    for path in opt.extra_config:
+        if not Path(path).is_file():
+            p.error(f"--extra-config: no file '{path}'")
     for text in opt.concepts:
         try:
             drawn_concept(text)
@@ -400,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     outdir = Path(opt.outdir).resolve()
     names = [*opt.concept, *opt.concepts]
     # seed by seed, so that a sweep cut short has covered every concept and picture set equally
-    jobs = [(concept_of(c), s, seed) for seed in opt.seeds for s in opt.sets for c in names]
+    concepts = {c: replace(concept_of(c), configs=(*concept_of(c).configs, *opt.extra_config)) for c in names}
+    jobs = [(concepts[c], s, seed) for seed in opt.seeds for s in opt.sets for c in names]
     if opt.report:
         saved = [outdir / "runs" / run_id(c.name, s, seed) / "result.json" for c, s, seed in jobs]
         results = [RunResult(**json.loads(path.read_text())) for path in saved if path.exists()]
@@ -411,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
             results = list(pool.map(lambda job: guarded_run(*job, outdir, opt.samples, opt.overrides), jobs))
     results.sort(key=lambda r: (names.index(r.concept), opt.sets.index(r.picture_set), r.seed))
     totals = summary(results)
-    payload = {"command": sys.argv, "overrides": opt.overrides, "samples": opt.samples, "summary": totals,
+    payload = {"command": sys.argv, "overrides": opt.overrides, "extra_config": opt.extra_config, "samples": opt.samples,
+               "summary": totals,
                "runs": [asdict(r) for r in results]}
     (outdir / "results.json").write_text(json.dumps(payload, indent=2))
     (outdir / "table.md").write_text(markdown_table(results, totals))

@@ -115,3 +115,15 @@ def test_the_starts_table_sets_the_signals_of_editing_starts_against_failing_one
     table = robustness.starts_table(rows)
     assert "reconstruct and edit: 1; reconstruct but fail editability: 1" in table
     assert "- unet_contrast: edit 0.9000–0.9000, fail 0.4000–0.4000" in table
+
+
+def test_an_extra_config_is_checked_and_the_named_context_remedy_names_the_background_everywhere(capsys):
+    from ldm.config import load_configs
+
+    with pytest.raises(SystemExit):
+        robustness.parse_args(["--concepts", "white:star", "--sets", "1", "--extra-config", "no/such.yaml"])
+    assert "--extra-config: no file 'no/such.yaml'" in capsys.readouterr().err
+    remedy = "configs/shapes/remedies/named-context-templates.yaml"
+    merged = load_configs([str(REPO / c) for c in (*robustness.CONCEPTS["orange_cross"].configs, remedy)], [])
+    templates = merged.data.params.train.params.templates
+    assert len(templates) == 8 and all("[filewords] background" in t for t in templates)
