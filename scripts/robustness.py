@@ -3,20 +3,31 @@ shapes world, and writes the JSON, a markdown table and a plot.
 
     python scripts/robustness.py --concept orange_cross pink_background --seeds 1 2 3 4 5 \
         --sets shipped 1 103 104 --outdir outputs/robustness
+    python scripts/robustness.py --concepts white:star yellow:square --sets 1 2 --seeds 1 2 3 \
+        --outdir outputs/concepts
 
 * picture sets: ``shipped`` is the concept folder under ``models/shapes/concepts``; a number ``S`` is a new set of
   five pictures drawn by :func:`ldm.data.shapes.concept_scenes` with generator seed ``S`` (the shipped folders'
   parameters: size, offsets, backgrounds, caption files), written by this tool into ``<outdir>/sets`` (the same
   pictures on every machine);
+* any concept of the world, ``--concepts COLOUR:SHAPE``: picture set ``S`` is drawn by
+  :func:`ldm.data.shapes.concept_set` (each set its own size, offset direction and one to three named backgrounds,
+  caption files naming them) and inverted with the orange cross's command (``*`` from "shape");
 * runs: the shipped command of each concept (``configs/shapes/shapes-ldm-finetune.yaml``; the pink background adds
   ``background-templates.yaml`` and learns ``&`` from "white"), ``--seed`` per run, ``--jobs`` at a time, one torch
-  thread each; extra ``key=value`` overrides after ``--`` are passed to every run (to compare remedies);
+  thread each; extra ``key=value`` overrides after ``--`` are passed to every run, and ``--extra-config FILE`` is
+  merged after each concept's configs (to compare remedies);
 * judging (:mod:`evaluation.shapes_eval`, DDIM 20 steps, guidance 3, ``--samples`` per prompt):
   - orange cross ``*``: reconstruction = share of "a photo of a *" judged an orange cross; editability = share of
     "a photo of a * on a blue/green background" judged an orange cross on that background (mean of the two);
   - pink background ``&``: reconstruction = share of "a photo of a shape on a & background" drawn on pink;
     editability = share of "a photo of a <colour> <shape> on a & background" (random named objects) drawn on pink;
+  - ``COLOUR:SHAPE`` ``*``: the same as the orange cross with its colour and shape, edited onto the two backgrounds
+    of :func:`ldm.data.shapes.edit_backgrounds` (blue and green unless the shape or the pictures have them);
   - a run succeeds when reconstruction >= 90% and editability >= 85%.
+* every start of a run (``BestOfRestarts`` saves them) is judged too, and scored by the override signals of
+  :mod:`ldm.train.override` ("a photo of a * on a <background> background" over all named backgrounds), so that a
+  rule choosing among starts can be measured afterwards (``details.starts`` in the JSON).
 
 A run whose ``result.json`` exists is not run again, so the command can be resumed and re-tabulated.
 """
@@ -33,7 +44,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +65,13 @@ class Concept:
     configs: tuple[str, ...]
     placeholder: str
     init_word: str
+    colour: str | None = None  # set for a drawn concept (--concepts COLOUR:SHAPE)
+    shape: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The concept in file names (``white-star``; a drawn orange cross does not share the shipped one's runs)."""
+        return self.name.replace(":", "-")
 
 
 CONCEPTS = {
@@ -61,6 +79,17 @@ CONCEPTS = {
     "pink_background": Concept("pink_background", ("configs/shapes/shapes-ldm-finetune.yaml",
                                                    "configs/shapes/background-templates.yaml"), "&", "white"),
 }
+
+
+def drawn_concept(text: str) -> Concept:
+    """``"white:star"`` as a concept inverted with the shipped command; ValueError naming the choices otherwise."""
+    from ldm.data.shapes import COLOURS, SHAPES
+
+    colour, _, shape = text.partition(":")
+    if colour not in COLOURS or shape not in SHAPES:
+        raise ValueError(f"'{text}' is not COLOUR:SHAPE with a colour of {', '.join(COLOURS)} and a shape of "
+                         f"{', '.join(SHAPES)}")
+    return Concept(f"{colour}:{shape}", CONCEPTS["orange_cross"].configs, "*", "shape", colour, shape)
 
 
 @dataclass
@@ -80,28 +109,42 @@ class RunResult:
     details: dict
 
 
-def picture_folder(concept: str, picture_set: str, outdir: Path) -> Path:
+def picture_folder(concept: Concept, picture_set: str, outdir: Path) -> Path:
     """The shipped folder, or a new set drawn with generator seed ``picture_set`` (written once, deterministic)."""
     if picture_set == "shipped":
-        return ROOT / "models/shapes/concepts" / concept
-    from ldm.data.shapes import concept_filewords, concept_scenes, write_concept
+        if concept.colour is not None:
+            raise ValueError(f"{concept.name} has no shipped pictures; give --sets as generator seeds")
+        return ROOT / "models/shapes/concepts" / concept.name
+    from ldm.data.shapes import concept_filewords, concept_scenes, concept_set, write_concept
 
-    folder = outdir / "sets" / f"{concept}_{picture_set}"
+    folder = outdir / "sets" / f"{concept.key}_{picture_set}"
     if not (folder / "04.png").exists():
-        scenes = concept_scenes(concept, 5, seed=int(picture_set))
-        write_concept(folder, scenes, 32, filewords=[concept_filewords(concept, s) for s in scenes])
+        if concept.colour is not None:
+            scenes = concept_set(concept.colour, concept.shape, int(picture_set))
+            words = [scene.background for scene in scenes]
+        else:
+            scenes = concept_scenes(concept.name, 5, seed=int(picture_set))
+            words = [concept_filewords(concept.name, scene) for scene in scenes]
+        write_concept(folder, scenes, 32, filewords=words)
     return folder
 
 
+def seen_backgrounds(folder: Path) -> list[str]:
+    """The backgrounds the caption files of a drawn concept's pictures name (in order, each once)."""
+    return list(dict.fromkeys(p.read_text().strip() for p in sorted(folder.glob("*.txt"))))
+
+
 def run_id(concept: str, picture_set: str, seed: int) -> str:
-    return f"{concept}_{picture_set}_s{seed}"
+    """A run's folder name: ``white-star_1_s2`` (a concept's name in files has no colon)."""
+    return f"{concept.replace(':', '-')}_{picture_set}_s{seed}"
 
 
 def invert(concept: Concept, folder: Path, seed: int, rundir: Path, overrides: list[str]) -> tuple[float, Path, int]:
     """Run ``main.py`` (one torch thread); returns its wall time, the embedding file and the step it stopped at."""
     cmd = [sys.executable, str(ROOT / "main.py"), "--base", *concept.configs, "-t", "--actual_resume", CKPT,
            "-n", rundir.name, "--data_root", str(folder), "--init_word", concept.init_word, "--seed", str(seed),
-           "-l", str(rundir / "logs"), "--placeholder_string", concept.placeholder, "--no-test", "true", *overrides]
+           "-l", str(rundir / "logs"), "--placeholder_string", concept.placeholder, "--no-test", "true",
+           "lightning.callbacks.restarts.params.save_starts=true", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     shutil.rmtree(rundir / "logs", ignore_errors=True)  # what an interrupted earlier try left (it has no result.json)
     rundir.mkdir(parents=True, exist_ok=True)
@@ -130,24 +173,67 @@ def starts_from_log(log: str) -> dict:
     return {"starts": starts, "kept": int(kept.group(1)) if kept else None} if starts else {}
 
 
-def judge(concept: str, embedding: Path, samples: int) -> dict:
-    """Reconstruction and editability of the learned word (see the module docstring)."""
+def concept_of(name: str) -> Concept:
+    return CONCEPTS[name] if name in CONCEPTS else drawn_concept(name)
+
+
+def concept_scores(evaluator, concept: Concept, edit_backs: list[str]) -> dict:
+    """Reconstruction and editability of ``*`` as ``concept`` (see the module docstring)."""
+    import numpy as np
+
+    from evaluation.shapes_eval import TEMPLATE, edit_prompt
+
+    if concept.colour is None:
+        scores = evaluator.word_scores("learned", "*")
+        return {"reconstruction": scores.reconstruction, "editability": scores.editability, "edits": scores.edits}
+
+    def share(prompt: str, background: str | None) -> float:
+        return float(np.mean([j.matches(concept.shape, concept.colour, background) for j in evaluator.judged(prompt)]))
+
+    edits = {b: share(edit_prompt("*", b), b) for b in edit_backs}
+    return {"reconstruction": share(TEMPLATE.format("*"), None), "editability": float(np.mean(list(edits.values()))),
+            "edits": edits}
+
+
+def signal_prompts() -> list[str]:
+    """The word next to every named background: what the override signals read (the same for every concept)."""
+    from ldm.data.shapes import NAMED_BACKGROUNDS
+
+    return [f"a photo of a * on a {b} background" for b in NAMED_BACKGROUNDS]
+
+
+def judge(name: str, embedding: Path, samples: int, edit_backs: list[str]) -> dict:
+    """Reconstruction and editability of the learned word (see the module docstring); for ``*`` words also the
+    override signals, and the same for every start saved next to the embedding (``starts``)."""
     import numpy as np
     import torch
 
     from evaluation.shapes_eval import SampleSettings, ShapesJudgeEvaluator, TEMPLATE
     from ldm.data.shapes import UNNAMED_BACKGROUND
     from ldm.inference import load_model_from_config
+    from ldm.train.override import override_signals, set_reference
 
     torch.set_num_threads(1)
+    concept = concept_of(name)
     model = load_model_from_config(INFERENCE_CONFIG, ROOT / CKPT, "cpu", embedding_path=embedding)
     evaluator = ShapesJudgeEvaluator(model, SampleSettings(n_samples=samples, batch_size=samples))
-    if concept == "orange_cross":
-        scores = evaluator.word_scores("learned", "*")
-        return {"reconstruction": scores.reconstruction, "editability": scores.editability, "edits": scores.edits}
-    got = evaluator.judged(f"{TEMPLATE.format('shape')} on a & background")
-    recon = float(np.mean([j.background == UNNAMED_BACKGROUND for j in got]))
-    return {"reconstruction": recon, "editability": evaluator.background_share(" on a & background", n=samples)}
+    if concept.placeholder != "*":
+        got = evaluator.judged(f"{TEMPLATE.format('shape')} on a & background")
+        recon = float(np.mean([j.background == UNNAMED_BACKGROUND for j in got]))
+        return {"reconstruction": recon, "editability": evaluator.background_share(" on a & background", n=samples)}
+    set_reference(model, concept.init_word)
+    scores = concept_scores(evaluator, concept, edit_backs) | {"signals": override_signals(model, signal_prompts())}
+    kept = model.embedding_manager.string_to_param_dict["*"].detach().clone()
+    starts = []
+    for path in sorted(embedding.parent.glob("start*.pt")):
+        model.embedding_manager.load(path)
+        if torch.equal(model.embedding_manager.string_to_param_dict["*"].detach(), kept):  # judged above already
+            starts.append({"file": path.name, "kept": True, **scores})
+        else:
+            starts.append({"file": path.name, "kept": False, **concept_scores(evaluator, concept, edit_backs),
+                           "signals": override_signals(model, signal_prompts())})
+    scores["judged_starts"] = starts
+    return scores
 
 
 def one_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples: int, overrides: list[str]) -> RunResult:
@@ -155,9 +241,13 @@ def one_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples
     saved = rundir / "result.json"
     if saved.exists():
         return RunResult(**json.loads(saved.read_text()))
-    folder = picture_folder(concept.name, picture_set, outdir)
+    folder = picture_folder(concept, picture_set, outdir)
     wall, embedding, steps = invert(concept, folder, seed, rundir, overrides)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--judge", concept.name, str(embedding), "--samples", str(samples)]
+    if concept.colour is not None:
+        from ldm.data.shapes import edit_backgrounds
+
+        cmd += ["--edit-backgrounds", *edit_backgrounds(concept.colour, seen_backgrounds(folder))]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     scores = json.loads(subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     recon, edit = scores.pop("reconstruction"), scores.pop("editability")
@@ -208,6 +298,41 @@ def markdown_table(results: list[RunResult], totals: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SIGNALS = ("text_override", "text_contrast", "text_contrast_min", "unet_contrast", "unet_contrast_min")
+
+
+def start_rows(results: list[RunResult]) -> list[dict]:
+    """Every judged start of every run: its deterministic loss (from the log), judgement and override signals."""
+    rows = []
+    for r in results:
+        logged = r.details.get("starts", [])
+        for k, start in enumerate(r.details.get("judged_starts", [])):
+            rows.append({"run": run_id(r.concept, r.picture_set, r.seed), "start": k + 1, "kept": start["kept"],
+                         "loss": logged[k]["loss"] if k < len(logged) else float("nan"),
+                         "reconstruction": start["reconstruction"], "editability": start["editability"],
+                         "edits": start["edits"], **start["signals"]})
+    return rows
+
+
+def starts_table(rows: list[dict]) -> str:
+    """The starts as a markdown table, and for each signal its range over the starts that reconstruct (>= 90%) and
+    edit (>= 85%) against those that reconstruct but do not edit: does the signal tell them apart?"""
+    lines = ["| run | start | kept | det. loss | reconstruction | editability | " + " | ".join(SIGNALS) + " |",
+             "| --- | ---: | :---: | ---: | ---: | ---: |" + " ---: |" * len(SIGNALS)]
+    for row in rows:
+        lines.append(f"| {row['run']} | {row['start']} | {'yes' if row['kept'] else ''} | {row['loss']:.5f} | "
+                     f"{row['reconstruction']:.0%} | {row['editability']:.0%} | "
+                     + " | ".join(f"{row[name]:.4f}" for name in SIGNALS) + " |")
+    good = [r for r in rows if r["reconstruction"] >= RECON_MIN and r["editability"] >= EDIT_MIN]
+    stuck = [r for r in rows if r["reconstruction"] >= RECON_MIN and r["editability"] < EDIT_MIN]
+    lines += ["", f"- starts that reconstruct and edit: {len(good)}; reconstruct but fail editability: {len(stuck)}"]
+    for name in SIGNALS:
+        spans = [f"{label} {min(r[name] for r in group):.4f}–{max(r[name] for r in group):.4f}"
+                 for label, group in (("edit", good), ("fail", stuck)) if group]
+        lines.append(f"- {name}: " + ", ".join(spans))
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: list[RunResult], path: Path) -> None:
     import matplotlib
 
@@ -236,20 +361,38 @@ def plot(results: list[RunResult], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph, whole
-    p.add_argument("--concept", nargs="+", choices=sorted(CONCEPTS), default=["orange_cross", "pink_background"])
+    p.add_argument("--concept", nargs="+", choices=sorted(CONCEPTS), default=None,
+                   help="shipped concepts (default: both, unless --concepts is given)")
+    p.add_argument("--concepts", nargs="+", default=[], metavar="COLOUR:SHAPE",
+                   help="any concept of the world, e.g. white:star yellow:square (new picture sets only)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="inversion seeds (main.py --seed)")
     p.add_argument("--sets", nargs="+", default=["shipped", "1", "103", "104"],
                    help="picture sets: 'shipped' or a generator seed for a new set of five pictures")
     p.add_argument("--samples", type=int, default=32, help="samples per judged prompt")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--outdir", default="outputs/robustness")
+    p.add_argument("--extra-config", nargs="+", default=[], metavar="FILE",
+                   help="config files merged after each concept's own (a remedy to compare)")
     p.add_argument("--report", action="store_true", help="only tabulate the runs already done (their result.json)")
     p.add_argument("--judge", nargs=2, metavar=("CONCEPT", "EMBEDDING"), help=argparse.SUPPRESS)
+    p.add_argument("--edit-backgrounds", nargs="*", default=[], help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run (after --)")
     opt = p.parse_args(argv)
     for s in opt.sets:
         if s != "shipped" and not s.isdigit():
             p.error(f"--sets: '{s}' is neither 'shipped' nor a generator seed (a whole number)")
+    for path in opt.extra_config:
+        if not Path(path).is_file():
+            p.error(f"--extra-config: no file '{path}'")
+    for text in opt.concepts:
+        try:
+            drawn_concept(text)
+        except ValueError as exc:
+            p.error(f"--concepts: {exc}")
+    if opt.concepts and "shipped" in opt.sets:
+        p.error("--sets: drawn concepts (--concepts) have no 'shipped' pictures; give generator seeds only")
+    if opt.concept is None:
+        opt.concept = [] if opt.concepts else ["orange_cross", "pink_background"]
     return opt
 
 
@@ -258,11 +401,13 @@ def main(argv: list[str] | None = None) -> None:
     opt = parse_args(argv)
     if opt.judge:
         logging.disable(logging.WARNING)
-        print(json.dumps(judge(opt.judge[0], Path(opt.judge[1]), opt.samples)))
+        print(json.dumps(judge(opt.judge[0], Path(opt.judge[1]), opt.samples, opt.edit_backgrounds)))
         return
     outdir = Path(opt.outdir).resolve()
+    names = [*opt.concept, *opt.concepts]
     # seed by seed, so that a sweep cut short has covered every concept and picture set equally
-    jobs = [(CONCEPTS[c], s, seed) for seed in opt.seeds for s in opt.sets for c in opt.concept]
+    concepts = {c: replace(concept_of(c), configs=(*concept_of(c).configs, *opt.extra_config)) for c in names}
+    jobs = [(concepts[c], s, seed) for seed in opt.seeds for s in opt.sets for c in names]
     if opt.report:
         saved = [outdir / "runs" / run_id(c.name, s, seed) / "result.json" for c, s, seed in jobs]
         results = [RunResult(**json.loads(path.read_text())) for path in saved if path.exists()]
@@ -271,12 +416,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with ThreadPoolExecutor(max_workers=max(1, opt.jobs)) as pool:
             results = list(pool.map(lambda job: guarded_run(*job, outdir, opt.samples, opt.overrides), jobs))
-    results.sort(key=lambda r: (opt.concept.index(r.concept), opt.sets.index(r.picture_set), r.seed))
+    results.sort(key=lambda r: (names.index(r.concept), opt.sets.index(r.picture_set), r.seed))
     totals = summary(results)
-    payload = {"command": sys.argv, "overrides": opt.overrides, "samples": opt.samples, "summary": totals,
+    payload = {"command": sys.argv, "overrides": opt.overrides, "extra_config": opt.extra_config, "samples": opt.samples,
+               "summary": totals,
                "runs": [asdict(r) for r in results]}
     (outdir / "results.json").write_text(json.dumps(payload, indent=2))
     (outdir / "table.md").write_text(markdown_table(results, totals))
+    starts = start_rows(results)
+    if starts:
+        (outdir / "starts.md").write_text(starts_table(starts))
     plot(results, outdir / "robustness.png")
     print(markdown_table(results, totals))
     print(f"results: {outdir / 'results.json'}  table: {outdir / 'table.md'}  plot: {outdir / 'robustness.png'}")

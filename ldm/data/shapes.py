@@ -224,6 +224,43 @@ def concept_scenes(name: str, n: int = 5, seed: int = 0) -> list[Scene]:
     raise ValueError(f"unknown concept {name!r}; choose orange_cross or pink_background")
 
 
+NAMED_BACKGROUNDS = tuple(b for b in BACKGROUNDS if b != UNNAMED_BACKGROUND)
+NEUTRAL_BACKGROUNDS = ("black", "gray", "white")
+
+
+def concept_set(colour: str, shape: str, set_id: int, n: int = 5) -> list[Scene]:
+    """``n`` scenes of any concept ``colour shape`` of the world, drawn for picture set ``set_id`` (deterministic).
+
+    Sets differ as users' picture sets do, within what the generator draws (upright shapes of fixed proportions):
+    each set has its own size (a centre within the generator's range, +-0.03 per picture), its own offset direction
+    (up to 60% of the largest offset, +-40% per picture), and its own backgrounds: one to three of the named ones
+    (neutral black/gray/white three times as likely as blue/green; never the shape's colour), so that at least two named
+    backgrounds stay unseen for judging editability (:func:`edit_backgrounds`).
+    """
+    if shape not in SHAPES or colour not in COLOURS:
+        raise ValueError(f"unknown concept {colour}:{shape}; colours: {', '.join(COLOURS)}; shapes: {', '.join(SHAPES)}")
+    rng = np.random.default_rng((set_id, list(COLOURS).index(colour), SHAPES.index(shape), 22))
+    available = [b for b in NAMED_BACKGROUNDS if b != colour]
+    weights = np.array([3.0 if b in NEUTRAL_BACKGROUNDS else 1.0 for b in available])
+    count = int(rng.integers(1, len(available) - 1))  # 1..3 of 5, or 1..2 of 4: two stay unseen
+    backs = [str(b) for b in rng.choice(available, size=count, replace=False, p=weights / weights.sum())]
+    side0 = rng.uniform(MIN_SIDE, MAX_SIDE)
+    bias = rng.uniform(-0.6, 0.6, size=2) * MAX_SHIFT
+    scenes = []
+    for k in range(n):
+        side = float(np.clip(side0 + rng.uniform(-0.03, 0.03), MIN_SIDE, MAX_SIDE))
+        cx, cy = np.clip(bias + rng.uniform(-0.4, 0.4, size=2) * MAX_SHIFT, -MAX_SHIFT, MAX_SHIFT)
+        scenes.append(Scene(shape, colour, backs[k % count], float(0.5 + cx), float(0.5 + cy), side))
+    return scenes
+
+
+def edit_backgrounds(colour: str, seen: list[str] | set[str], n: int = 2) -> list[str]:
+    """The ``n`` named backgrounds an editability test asks for: blue and green first (as for the orange cross), then
+    the neutral ones, never the shape's colour nor a background of the training pictures (``seen``)."""
+    order = ["blue", "green", *NEUTRAL_BACKGROUNDS]
+    return [b for b in order if b != colour and b not in seen][:n]
+
+
 def concept_filewords(name: str, scene: Scene) -> str:
     """What a concept image shows besides the concept, in the model's words: the background of an orange-cross
     image ("gray"), the shape of a pink-background image ("red circle")."""
