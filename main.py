@@ -294,7 +294,10 @@ def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> N
     install_signal_handlers()
     if opt.train:
         safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}  # Lightning >= 2.6
-        trainer.fit(model, data, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None, **safe)
+        from ldm.checkpoint import numpy_scalars_allowed
+
+        with numpy_scalars_allowed():
+            trainer.fit(model, data, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None, **safe)
     if not opt.no_test and not trainer.interrupted and data is not None and data.has("test"):
         trainer.test(model, data)
     if trainer.is_global_zero and opt.train:
