@@ -60,3 +60,26 @@ def test_training_config_builds_and_a_step_trains_unet_and_text_encoders(name):
         assert encoder.token_embedding.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.model.parameters())
     assert len(model.latent_cache) == 2  # each picture encoded once, kept for its next visits
+
+
+@pytest.mark.slow
+def test_main_trains_and_resumes_the_sd1_config(tmp_path):
+    """``main.py`` trains shapes-sd1 (with its learning-rate schedule) for two steps, and ``-r`` continues the run."""
+    import os
+    import subprocess
+    import sys
+
+    small = ["data.params.batch_size=2", "lightning.callbacks.image_logger.params.disabled=true",
+             "lightning.modelcheckpoint.params.every_n_train_steps=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    first = [sys.executable, "main.py", "--base", str(CONFIGS / "shapes-sd1-train.yaml"), "-t", "-n", "sd1",
+             "--max_steps", "2", "-l", str(tmp_path), *small]
+    done = subprocess.run(first, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = list(tmp_path.iterdir())
+    again = [sys.executable, "main.py", "-r", str(run), "-t", "--max_steps", "4", *small]
+    done = subprocess.run(again, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Restored all states" in done.stderr + done.stdout
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 4
