@@ -301,7 +301,10 @@ def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> N
     if not opt.no_test and not trainer.interrupted and data is not None and data.has("test"):
         trainer.test(model, data)
     if trainer.is_global_zero and opt.train:
-        logger.info("Done. Embedding: %s  Images: %s", run.ckptdir / "embeddings.pt", run.logdir / "images")
+        if getattr(model, "embedding_manager", None) is not None:
+            logger.info("Done. Embedding: %s  Images: %s", run.ckptdir / "embeddings.pt", run.logdir / "images")
+        else:  # a model trained from scratch (configs/shapes/shapes-*-train.yaml): no embedding file
+            logger.info("Done. Checkpoint: %s  Images: %s", run.ckptdir / "last.ckpt", run.logdir / "images")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def test_main_trains_and_resumes_the_sd1_config(tmp_path):
              "--max_steps", "2", "-l", str(tmp_path), *small]
     done = subprocess.run(first, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Done. Checkpoint:" in done.stderr + done.stdout  # not the inversion's "Embedding:" line
     (run,) = list(tmp_path.iterdir())
     again = [sys.executable, "main.py", "-r", str(run), "-t", "--max_steps", "4", *small]
     done = subprocess.run(again, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
