@@ -310,14 +310,20 @@ def fit(opt: Any, run: RunPaths, dotlist: list[str], extra: dict[str, Any]) -> N
         model.learning_rate = base_lr
         logger.info("++++ NOT USING LR SCALING ++++\nSetting learning rate to %.2e", model.learning_rate)
 
+    from ldm.checkpoint import numpy_scalars_allowed
+
     with signal_handlers(stops):
         if opt.train:
             safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}  # Lightning >= 2.6
-            trainer.fit(model, data, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None, **safe)
+            with numpy_scalars_allowed():  # checkpoints of scheduled runs written before the scheduler returned floats
+                trainer.fit(model, data, ckpt_path=str(run.resume_ckpt) if run.resume_ckpt else None, **safe)
         if not opt.no_test and not trainer.interrupted and data is not None and data.has("test"):
             trainer.test(model, data)
     if trainer.is_global_zero and opt.train:
-        logger.info("Done. Embedding: %s  Images: %s", run.ckptdir / "embeddings.pt", run.logdir / "images")
+        if getattr(model, "embedding_manager", None) is not None:
+            logger.info("Done. Embedding: %s  Images: %s", run.ckptdir / "embeddings.pt", run.logdir / "images")
+        else:  # a model trained from scratch (configs/shapes/shapes-*-train.yaml): no embedding file
+            logger.info("Done. Checkpoint: %s  Images: %s", run.ckptdir / "last.ckpt", run.logdir / "images")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,13 @@ _INERT_NAMES = (
 )
 
 
+def numpy_scalars_allowed() -> Any:
+    """A context in which ``torch.load(weights_only=True)`` accepts numpy scalars and dtypes: Lightning resumes a run
+    (``main.py -r``) that way, and the optimizer and scheduler states of a run trained with a ``scheduler_config``
+    written before the schedulers returned Python floats hold numpy floats (``lr``, ``_last_lr``)."""
+    return torch.serialization.safe_globals(_numpy_safe_globals())
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """``torch.load`` with ``weights_only=True`` and the allow-list Lightning checkpoints need."""
     allowed: list[Any] = _numpy_safe_globals() + [(_Inert, name) for name in _INERT_NAMES]

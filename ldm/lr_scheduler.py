@@ -1,9 +1,14 @@
-"""Learning-rate multipliers of upstream LDM configs (``scheduler_config``), as LambdaLR-compatible callables."""
+"""Learning-rate multipliers of upstream LDM configs (``scheduler_config``), as LambdaLR-compatible callables.
+
+Every multiplier is a Python float: ``LambdaLR`` keeps what they return in the optimizer's and its own state, and a
+numpy float there made the run's checkpoints unreadable by ``torch.load(weights_only=True)``, so ``main.py -r``
+could not resume them.
+"""
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
-
-import numpy as np
 
 
 class LambdaWarmUpCosineScheduler:
@@ -22,7 +27,7 @@ class LambdaWarmUpCosineScheduler:
         if n < self.lr_warm_up_steps:
             return (self.lr_max - self.lr_start) / self.lr_warm_up_steps * n + self.lr_start
         t = min((n - self.lr_warm_up_steps) / (self.lr_max_decay_steps - self.lr_warm_up_steps), 1.0)
-        return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1 + np.cos(t * np.pi))
+        return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1 + math.cos(t * math.pi))
 
     def __call__(self, n: int, **kwargs) -> float:
         return self.schedule(n, **kwargs)
@@ -36,7 +41,7 @@ class LambdaWarmUpCosineScheduler2:
             raise ValueError("every scheduler list must have one entry per cycle")
         self.lr_warm_up_steps, self.f_start, self.f_min, self.f_max = warm_up_steps, f_start, f_min, f_max
         self.cycle_lengths = cycle_lengths
-        self.cum_cycles = np.cumsum([0] + list(cycle_lengths))
+        self.cum_cycles = list(itertools.accumulate([0] + [int(c) for c in cycle_lengths]))
         self.verbosity_interval = verbosity_interval
 
     def find_in_interval(self, n: int) -> int:
@@ -54,7 +59,7 @@ class LambdaWarmUpCosineScheduler2:
         if n < self.lr_warm_up_steps[cycle]:
             return (self.f_max[cycle] - self.f_start[cycle]) / self.lr_warm_up_steps[cycle] * n + self.f_start[cycle]
         t = min((n - self.lr_warm_up_steps[cycle]) / (self.cycle_lengths[cycle] - self.lr_warm_up_steps[cycle]), 1.0)
-        return self.f_min[cycle] + 0.5 * (self.f_max[cycle] - self.f_min[cycle]) * (1 + np.cos(t * np.pi))
+        return self.f_min[cycle] + 0.5 * (self.f_max[cycle] - self.f_min[cycle]) * (1 + math.cos(t * math.pi))
 
     def __call__(self, n: int, **kwargs) -> float:
         return self.schedule(n, **kwargs)

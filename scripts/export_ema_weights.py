@@ -4,8 +4,9 @@
         --ckpt logs/<run>/checkpoints/last.ckpt --out models/shapes/model.ckpt
 
 The model is built from the training config and loaded through the real code path; with ``use_ema`` its EMA
-weights are copied into the UNet. The EMA copies, optimizer and loop state are dropped, and floating-point tensors
-are stored as float16 unless ``--float32`` (the model loads either into float32 parameters).
+weights are copied into the UNet (a model without EMA, e.g. the shapes autoencoder, is exported as trained). The
+EMA copies, optimizer and loop state are dropped, and floating-point tensors are stored as float16 unless
+``--float32`` (the model loads either into float32 parameters).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def ema_state_dict(config_path: str, ckpt_path: str, half: bool = True) -> tuple
     config = load_model_config(config_path, "--config")
     model = instantiate_from_config(config.model)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
-    if model.use_ema:
+    if getattr(model, "use_ema", False):  # an autoencoder (configs/shapes/shapes-vae-train.yaml) keeps no EMA
         model.model_ema.copy_to(model.model)
     out = {}
     for key, value in model.state_dict().items():

@@ -45,3 +45,17 @@ def test_model_weights_are_not_taken_for_an_embedding(tmp_path):
     torch.save({"state_dict": {}, "global_step": 3}, tmp_path / "empty.ckpt")
     with pytest.raises(CheckpointError, match="holds no weights"):
         load_state_dict(tmp_path / "empty.ckpt")
+
+
+def test_numpy_scalars_of_older_training_checkpoints_load_for_resuming(tmp_path):
+    import numpy as np
+
+    from ldm.checkpoint import numpy_scalars_allowed
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"lr_schedulers": [{"_last_lr": [np.float64(1.5e-3)]}], "step": np.int64(500)}, path)
+    with pytest.raises(Exception, match="weights_only|Weights only"):
+        torch.load(path, weights_only=True)
+    with numpy_scalars_allowed():
+        loaded = torch.load(path, weights_only=True)
+    assert loaded["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(1.5e-3) and loaded["step"] == 500

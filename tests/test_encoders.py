@@ -300,3 +300,17 @@ def test_embedders_follow_module_device(tiny_clip, tiny_bert, ldm_fixtures):
     bert.load_state_dict(tiny_bert.state_dict())
     out = bert.cuda().encode(ldm_fixtures["inputs.tokens"])
     assert out.device.type == "cuda" and close(out.cpu(), ldm_fixtures["cond.c"])
+
+
+def test_clip_embedder_freezes_by_default_and_trains_with_freeze_false(tmp_path):
+    folder = str(_tiny_clip_folder(tmp_path))
+    frozen = FrozenCLIPEmbedder(version=folder)
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.transformer.training
+    torch.manual_seed(0)
+    trainable = FrozenCLIPEmbedder(version=folder, freeze=False)
+    assert all(p.requires_grad for p in trainable.parameters())
+    tokens = _sd_style_tokens()
+    trainable(tokens).pow(2).sum().backward()
+    rows = trainable.token_embedding.weight.grad.abs().sum(dim=1)
+    assert rows[tokens.unique()].gt(0).all() and rows.count_nonzero() == tokens.unique().numel()
+    assert trainable.transformer.text_model.final_layer_norm.weight.grad is not None

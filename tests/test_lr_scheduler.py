@@ -41,3 +41,19 @@ def test_drives_torch_lambda_lr():
         opt.step()
         lr.step()
     assert seen == pytest.approx([0.0, 1.0, 2.0 * 2 / 4, 2.0 * 1 / 4])
+
+
+def test_scheduler_state_saves_and_loads_with_weights_only(tmp_path):
+    """Python floats everywhere: numpy ones in the optimizer and LambdaLR state once kept ``main.py -r`` from reading
+    a training run's checkpoints with ``weights_only=True``."""
+    schedulers = [LambdaLinearScheduler([2], [0.1], [1.0], [0.0], [6]), LambdaWarmUpCosineScheduler2([2], [0.1], [1.0], [0.0], [6]),
+                  LambdaWarmUpCosineScheduler(2, 0.1, 1.0, 0.0, 6)]
+    for schedule in schedulers:
+        assert all(type(schedule.schedule(n)) is float for n in range(8))
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        lr = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule.schedule)
+        for _ in range(3):
+            opt.step()
+            lr.step()
+        torch.save({"optimizer": opt.state_dict(), "scheduler": lr.state_dict()}, tmp_path / "state.pt")
+        assert torch.load(tmp_path / "state.pt", weights_only=True)["scheduler"]["_last_lr"][0] == opt.param_groups[0]["lr"]

@@ -185,3 +185,14 @@ def test_evaluator_reproduces_the_published_numbers_on_the_stored_embedding(tmp_
     values = lambda row: [row["reconstruction"], row["editability"], row["two_concepts"], row["pink_background"]["learned '&'"]]  # noqa: E731
     assert np.allclose(values(got), values(small), atol=3 / 16 + 1e-9), (values(got), values(small))
     assert np.allclose(values(got), values(published), atol=0.25), (values(got), values(published))
+
+
+def test_a_pool_of_pictures_repeats_pictures_with_fresh_captions_and_cache_keys():
+    pooled = ShapesDataset(length=1000, seed=3, pictures=10, caption_dropout=0.0)
+    assert np.array_equal(pooled[3]["image"], pooled[13]["image"]) and np.array_equal(pooled[3]["image"], pooled[503]["image"])
+    assert (pooled[3]["index"], pooled[13]["index"], pooled[13]["flip"]) == (3, 3, False)
+    assert len({pooled[3 + 10 * k]["caption"] for k in range(30)}) > 1
+    assert not np.array_equal(pooled[3]["image"], pooled[4]["image"])
+    assert "index" not in ShapesDataset(length=10, seed=3)[0]
+    with pytest.raises(ValueError, match="pictures"):
+        ShapesDataset(pictures=-1)

@@ -161,12 +161,20 @@ class ShapesDataset(Dataset):
 
     ``length`` items, item ``i`` drawn from ``(seed, i)`` alone; a share ``caption_dropout`` of the captions is empty
     (the unconditional prompt of classifier-free guidance). The held-out combinations are never rendered.
+
+    With ``pictures`` > 0 there are only that many pictures: item ``i`` shows picture ``i % pictures`` with a caption
+    of its own (drawn from ``(seed, i, 1)``), and says so in ``index`` (with ``flip`` False), the keys of
+    ``LatentDiffusion``'s latent cache: a model with an autoencoder first stage then encodes each picture once instead
+    of at every step (the encoder would cost as much as the UNet's training step on a CPU).
     """
 
     def __init__(self, size: int = 32, length: int = 1_000_000, seed: int = 0, caption_dropout: float = 0.1,
                  generic_p: float = 0.2, main_template_p: float = 0.5, background_omit_p: float = 0.0,
-                 colour_omit_p: float = 0.0, holdout: list | None = None) -> None:
+                 colour_omit_p: float = 0.0, holdout: list | None = None, pictures: int = 0) -> None:
+        if pictures < 0:
+            raise ValueError(f"pictures must be >= 0 (0: every item its own picture), got {pictures}")
         self.size = size
+        self.pictures = pictures
         self.length = length
         self.seed = seed
         self.caption_dropout = caption_dropout
@@ -187,10 +195,17 @@ class ShapesDataset(Dataset):
         return random_scene(rng, holdout=self.holdout), rng
 
     def __getitem__(self, i: int) -> dict:
-        scene, rng = self.scene(i)
+        if not self.pictures:
+            scene, rng = self.scene(i)
+        else:
+            scene, _ = self.scene(i % self.pictures)
+            rng = np.random.default_rng((self.seed, i, 1))
         caption = "" if rng.random() < self.caption_dropout else caption_for(
             scene, rng, self.generic_p, self.main_template_p, self.background_omit_p, self.colour_omit_p)
-        return {"image": to_model_range(render(scene, self.size)), "caption": caption}
+        item = {"image": to_model_range(render(scene, self.size)), "caption": caption}
+        if self.pictures:
+            item.update(index=i % self.pictures, flip=False)
+        return item
 
 
 def write_concept(folder: str | os.PathLike, scenes: list[Scene], size: int = 32,

@@ -2,8 +2,9 @@
 
 ``AutoencoderKL`` (Stable Diffusion, LDM text-to-image) encodes to a diagonal Gaussian posterior; ``VQModel`` and
 ``VQModelInterface`` quantise to a codebook; ``IdentityFirstStage`` leaves the input as it is (pixel-space
-diffusion). Parameter names follow the original so its checkpoints load unchanged. Only inference is implemented;
-training the autoencoders (reconstruction / adversarial losses) is out of scope.
+diffusion). Parameter names follow the original so its checkpoints load unchanged. ``AutoencoderKL`` can also be
+trained by ``main.py`` (:mod:`ldm.models.autoencoder_training`: reconstruction + KL, without the original's LPIPS and
+discriminator); the VQ models are inference only.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from ldm.checkpoint import load_state_dict
+from ldm.models.autoencoder_training import AutoencoderKLTrainingMixin
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -56,7 +58,7 @@ class _FirstStageBase(pl.LightningModule):
             self.monitor = monitor
 
 
-class AutoencoderKL(_FirstStageBase):
+class AutoencoderKL(AutoencoderKLTrainingMixin, _FirstStageBase):
     """Autoencoder with a KL-regularised continuous latent of ``embed_dim`` channels."""
 
     def __init__(

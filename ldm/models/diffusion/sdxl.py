@@ -154,6 +154,16 @@ class SDXLDiffusion(LatentDiffusion):
         if not any(getattr(e, "is_trainable", False) for e in self.conditioner.embedders):
             freeze_module(self.conditioner)
 
+    def trainable_model_parameters(self) -> list[nn.Parameter]:
+        """Training a model from scratch (``configs/shapes/shapes-sdxl-train.yaml``): the UNet and the conditioner's
+        embedders marked ``is_trainable`` (SDXL's conditioner has no single ``cond_stage_model``)."""
+        params = list(self.model.parameters())
+        if self.cond_stage_trainable:
+            params += [p for e in self.conditioner.embedders if e.is_trainable for p in e.parameters()]
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
     def size_batch(self, prompts: list[str], height: int | None = None, width: int | None = None) -> dict[str, Any]:
         """The conditioner's batch for plain prompts: original = target size (H, W), crop (0, 0), as for generation."""
         h, w = height or self.size, width or self.size

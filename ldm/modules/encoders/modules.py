@@ -217,6 +217,9 @@ class FrozenCLIPEmbedder(_TextEmbedder):
     """The SD v1 text encoder: CLIP ViT-L/14's frozen text transformer; last hidden state after the final LayerNorm.
 
     ``text_config`` (a ``CLIPTextConfig`` dict) builds another shape without a config file (tiny test models).
+    ``freeze: False`` (as the SD 2.x and SDXL embedders take it) leaves the transformer trainable: for training a small
+    model from scratch with its text encoder (``configs/shapes/shapes-sd1-train.yaml``); the real SD v1 encoder, and
+    every inference and inversion config, keep the default and stay frozen.
     """
 
     def __init__(
@@ -226,6 +229,7 @@ class FrozenCLIPEmbedder(_TextEmbedder):
         max_length: int = 77,
         tokenizer_path: str | None = None,
         text_config: dict | None = None,
+        freeze: bool = True,
     ) -> None:
         super().__init__()
         self.version = version
@@ -239,7 +243,8 @@ class FrozenCLIPEmbedder(_TextEmbedder):
             config = clip_text_config(version)
         self.transformer = build_clip_text_transformer(config)
         self._register_load_state_dict_pre_hook(_drop_position_ids)
-        self.freeze()
+        if freeze:
+            self.freeze()
 
     def freeze(self) -> None:
         self.transformer = self.transformer.eval()
