@@ -90,7 +90,7 @@ def load_checkpoint(path: str | os.PathLike, *, what: str = "--actual_resume") -
     try:
         obj = safe_torch_load(p)
     except Exception as err:  # the safe unpickler trips in many ways on a damaged or cut file
-        refused = _refused_global(err)
+        refused = refused_global(err)
         if refused is not None:
             raise CheckpointError(
                 f"{what}: '{p}' was refused by the safe reader ({refused[:160]}): it needs Python code to load, which is "
@@ -104,8 +104,9 @@ def load_checkpoint(path: str | os.PathLike, *, what: str = "--actual_resume") -
     return obj
 
 
-def _refused_global(err: Exception) -> str | None:
-    """The line of the safe unpickler's refusal that names the class it would not load; None for other failures."""
+def refused_global(err: Exception) -> str | None:
+    """The line of the safe unpickler's refusal that names the class it would not load; None for other failures
+    (the checkpoint reader and the embedding reader both tell a refused class from a damaged file by it)."""
     if not isinstance(err, pickle.UnpicklingError):
         return None
     return next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)

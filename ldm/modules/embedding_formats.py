@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ldm.checkpoint import atomic_torch_save
+from ldm.checkpoint import atomic_torch_save, refused_global
 from ldm.errors import UserError
 from ldm.file_kinds import foreign_kind
 from ldm.io import atomic_write
@@ -253,8 +253,7 @@ def _torch_load(p: Path) -> Any:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = [line.strip() for line in str(err).splitlines()]
-        refused = next((line for line in lines if "GLOBAL" in line), None)
+        refused = refused_global(err)
         if refused is None:
             raise EmbeddingFileError(
                 f"'{p}' is a damaged or truncated PyTorch file (UnpicklingError), not a readable embedding; pass a .pt, "

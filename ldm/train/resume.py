@@ -24,6 +24,7 @@ not in the checkpoint, so the templates and flips after a resume differ (the ord
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import signal
 from collections.abc import Iterator
@@ -194,5 +195,5 @@ def checkpoint_step(path: Path) -> int | None:
     """The step a Lightning checkpoint was written at, or None if there is none (or it cannot be read)."""
     try:
         return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
-    except (OSError, KeyError, RuntimeError, ValueError):
+    except (OSError, KeyError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
         return None
