@@ -176,9 +176,9 @@ class StopAtStepEnd(pl.Callback):
         last = self.ckptdir / "last.ckpt"
         trainer.save_checkpoint(last, weights_only=False)
         where = describe_position(trainer)
-        logger.warning("interrupted at step %d%s: saved %s and embeddings.pt (the vectors of this step); resume with "
-                       "`%s` to continue from step %d, as if never interrupted", step, f" ({where})" if where else "",
-                       last, self.resume_command, step)
+        vectors = " and embeddings.pt (the vectors of this step)" if getattr(pl_module, "embedding_manager", None) else ""
+        logger.warning("interrupted at step %d%s: saved %s%s; resume with `%s` to continue from step %d, as if never "
+                       "interrupted", step, f" ({where})" if where else "", last, vectors, self.resume_command, step)
         raise StoppedAtStepEnd(f"signal {self.requests.signum}")
 
 
