@@ -406,7 +406,11 @@ def check_family(p: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
     for flag, path in needed:
         if not (ROOT / path).is_file():
             p.error(f"{flag} {opt.family}: no config '{path}'; that family's shapes model is not set up yet")
-    if not (ROOT / files.ckpt).is_file():
+    if opt.ckpt is not None:
+        if not Path(opt.ckpt).is_file():
+            p.error(f"--ckpt: no model file '{opt.ckpt}'")
+        opt.ckpt = str(Path(opt.ckpt).resolve())  # the runs work in the repository, not where the command was given
+    elif not (ROOT / files.ckpt).is_file():
         p.error(f"--family {opt.family}: no model file '{files.ckpt}'; train it (docs/shapes-sd.md) or pass --ckpt PATH")
 
 
