@@ -66,7 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluation.sweep_report import (  # noqa: E402  (the tables and plot of a sweep; RunResult is its record)
-    EDIT_MIN, RECON_MIN, SIGNALS, RunResult, markdown_table, plot, run_id, start_rows, starts_table, summary,
+    EDIT_MIN, RECON_MIN, SIGNALS, RunResult, markdown_table, peer_steps, plot, run_id, start_rows, starts_table, summary,
 )
 
 logger = logging.getLogger("robustness")
@@ -299,8 +299,15 @@ def finetune_vectors(model: ModelFiles) -> int:
     return int(OmegaConf.select(config, "model.params.personalization_config.params.num_vectors_per_token", default=1))
 
 
+def run_name(concept: Concept, picture_set: str, seed: int, trainer: str, sweep: Sweep) -> str:
+    """The run's folder: :func:`run_id`, and for a peer cut short its updates (``..._peer_steps50``), so that a quick
+    look is never taken, on resuming, for a run of the recipe."""
+    name = run_id(concept.name, picture_set, seed, trainer, sweep.model.family)
+    return name if trainer == "ours" or sweep.peer_steps == 3000 else f"{name}_steps{sweep.peer_steps}"
+
+
 def one_run(concept: Concept, picture_set: str, seed: int, trainer: str, sweep: Sweep) -> RunResult:
-    rundir = sweep.outdir / "runs" / run_id(concept.name, picture_set, seed, trainer, sweep.model.family)
+    rundir = sweep.outdir / "runs" / run_name(concept, picture_set, seed, trainer, sweep)
     saved = rundir / "result.json"
     if saved.exists():
         return RunResult(**json.loads(saved.read_text()))
@@ -315,7 +322,7 @@ def one_run(concept: Concept, picture_set: str, seed: int, trainer: str, sweep: 
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     scores = json.loads(subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     recon, edit = scores.pop("reconstruction"), scores.pop("editability")
-    scores.update(details)
+    scores.update(details, ckpt=sweep.model.ckpt)
     result = RunResult(concept.name, picture_set, seed, recon, edit, recon >= RECON_MIN and edit >= EDIT_MIN, round(wall, 1),
                        steps, sweep.samples, str(embedding.relative_to(sweep.outdir)), scores, trainer,
                        round(wall / max(steps, 1), 4))
@@ -332,7 +339,7 @@ def guarded_run(concept: Concept, picture_set: str, seed: int, trainer: str, swe
     try:
         return one_run(concept, picture_set, seed, trainer, sweep)
     except (RuntimeError, subprocess.CalledProcessError, ValueError) as exc:
-        logger.error("%s: %s", run_id(concept.name, picture_set, seed, trainer, sweep.model.family), exc)
+        logger.error("%s: %s", run_name(concept, picture_set, seed, trainer, sweep), exc)
         return RunResult(concept.name, picture_set, seed, 0.0, 0.0, False, 0.0, 0, sweep.samples, "", {"error": str(exc)},
                          trainer)
 
@@ -430,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     concepts = {c: replace(k, configs=(*k.configs, *opt.extra_config)) for c, k in concepts.items()}
     jobs = [(concepts[c], s, seed, t) for seed in opt.seeds for s in opt.sets for c in names for t in opt.trainer]
     if opt.report:
-        saved = [outdir / "runs" / run_id(c.name, s, seed, t, opt.family) / "result.json" for c, s, seed, t in jobs]
+        saved = [outdir / "runs" / run_name(c, s, seed, t, sweep) / "result.json" for c, s, seed, t in jobs]
         results = [RunResult(**json.loads(path.read_text())) for path in saved if path.exists()]
         if not results:
             raise SystemExit(f"--report: no finished runs under {outdir / 'runs'}")
@@ -440,11 +447,11 @@ def main(argv: list[str] | None = None) -> None:
     results.sort(key=lambda r: (names.index(r.concept), opt.trainer.index(r.trainer), opt.sets.index(r.picture_set), r.seed))
     totals = summary(results)
     payload = {"command": sys.argv, "family": opt.family, "ckpt": model.ckpt, "trainers": opt.trainer,
-               "peer_steps": opt.peer_steps if set(opt.trainer) - {"ours"} else None, "overrides": opt.overrides,
+               "peer_steps": peer_steps(results), "overrides": opt.overrides,
                "extra_config": opt.extra_config, "samples": opt.samples, "summary": totals,
                "runs": [asdict(r) for r in results]}
     (outdir / "results.json").write_text(json.dumps(payload, indent=2))
-    table = markdown_table(results, totals, opt.peer_steps)
+    table = markdown_table(results, totals)
     (outdir / "table.md").write_text(table)
     starts = start_rows(results)
     if starts:

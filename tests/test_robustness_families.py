@@ -61,10 +61,13 @@ def test_the_summary_and_table_are_per_trainer_with_seconds_per_step():
     assert ours["median_s_per_step"] == pytest.approx(0.1045, abs=1e-4)
     assert (peer["trainer"], peer["successes"], peer["runs"], peer["median_wall_s"]) == ("peer", 2, 3, 1000.0)
     assert peer["median_s_per_step"] == pytest.approx(0.3333, abs=1e-4)
-    table = robustness.markdown_table(rows, totals, peer_steps=3000)
+    for r in rows[2:]:
+        r.details = {"recipe": {"max_train_steps": 3000}}
+    table = robustness.markdown_table(rows, totals)
     assert "| orange_cross | peer | shipped | 1 |" in table and "orange_cross / peer: 2/3 runs succeed (67%)" in table
     assert "0.333 s/step" in table and "quick look" not in table
-    assert "ran 50 updates (--peer-steps), not its README's 3,000" in robustness.markdown_table(rows, totals, 50)
+    rows[2].details = {"recipe": {"max_train_steps": 50}}
+    assert "ran 50 updates (--peer-steps), not its README's 3,000" in robustness.markdown_table(rows, totals)
     older = {k: v for k, v in json.loads(json.dumps(robustness.asdict(rows[0]))).items() if k not in ("trainer", "s_per_step")}
     assert robustness.RunResult(**older).trainer == "ours"  # result.json files of earlier sweeps still read
 
@@ -126,13 +129,13 @@ def test_a_quick_sweep_runs_ours_and_the_peer_on_one_sd1_model(tmp_path, capsys)
                      "--sets", "shipped", "--samples", "2", "--jobs", "1", "--outdir", str(out), "--",
                      "lightning.trainer.max_steps=2"])
     got = json.loads((out / "results.json").read_text())
-    assert (got["family"], got["trainers"], got["peer_steps"]) == ("sd1", ["ours", "peer-k"], 2)
+    assert (got["family"], got["trainers"], got["peer_steps"]) == ("sd1", ["ours", "peer-k"], [2])
     ours, peer = got["runs"]
     assert (ours["trainer"], peer["trainer"]) == ("ours", "peer-k") and "error" not in peer["details"]
     assert ours["steps"] == 2 and peer["steps"] == 2 and peer["s_per_step"] > 0 and peer["wall_s"] > 0
     assert peer["details"]["recipe"] == {"num_vectors": 4, "max_train_steps": 2, "readme_steps": False}
     assert peer["details"]["peer_run"]["learning_rate"] == pytest.approx(5e-4 * 4)
     assert (out / "diffusers-sd1" / "model_index.json").is_file() and not (out / "diffusers-sd1.partial").exists()
-    assert (out / "runs" / "orange_cross_shipped_s1_sd1_peer-k" / "peer_word.safetensors").is_file()
+    assert (out / "runs" / "orange_cross_shipped_s1_sd1_peer-k_steps2" / "peer_word.safetensors").is_file()
     table = (out / "table.md").read_text()
     assert "orange_cross / peer-k: " in table and "not its README's 3,000" in table
