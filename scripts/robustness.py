@@ -43,7 +43,8 @@ shapes world, and writes the JSON, a markdown table and a plot.
   SD v1/2.x only (the peer's SDXL recipe is not re-created here). Its word is rewritten under ``*`` and judged
   exactly as ours; ``--peer-steps N`` shortens the peer for a quick look (the JSON and table say so). Each run
   records the wall time to its final word (the trainer's process, start to end), its steps (ours: batches of 4;
-  the peer's: updates of 4 pictures) and seconds per step (wall / steps); runs are named ``..._<trainer>``.
+  the peer's: updates of 4 pictures) and seconds per step (wall / steps); runs are named ``..._<trainer>``
+  (``..._<trainer>_steps<N>`` when ``--peer-steps`` shortens the peer).
 
 A run whose ``result.json`` exists is not run again, so the command can be resumed and re-tabulated.
 """
