@@ -27,7 +27,7 @@ import torch
 from ldm.data.shapes import BACKGROUNDS, COLOURS, SHAPES, UNNAMED_BACKGROUND, allowed, describe
 from ldm.data.images import save_image
 from ldm.data.shapes_judge import Judgement, judge_batch, to_uint8
-from ldm.inference import sample_images
+from ldm.inference import latent_factor, sample_images
 from ldm.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -65,15 +65,17 @@ def edit_prompt(text: str, background: str) -> str:
 
 
 class ShapesJudgeEvaluator:
-    """Samples prompts from a loaded LatentDiffusion model and scores them with the judge."""
+    """Samples prompts from a loaded LatentDiffusion-family model (the LDM shapes model, SD v1/2.x, SDXL) and scores
+    them with the judge."""
 
     def __init__(self, model: Any, settings: SampleSettings | None = None, progress: Callable[[int], None] | None = None) -> None:
         self.model = model
         self.settings = settings or SampleSettings()
         self.progress = progress
-        factor = int(getattr(model.first_stage_model, "factor", 1))
-        self.factor = factor
-        self.side = int(model.image_size) * factor
+        # the first stage's downsampling: the LDM shapes model states it (space-to-depth), an autoencoder (the SD
+        # family's) halves per level; reading only the stated one made SD models sample 8-pixel pictures
+        self.factor = latent_factor(model)
+        self.side = int(model.image_size) * self.factor
 
     def images(self, prompts: Sequence[str]) -> np.ndarray:
         """uint8 ``[len(prompts), H, W, 3]``; sample ``k`` of every call starts from the same noise."""

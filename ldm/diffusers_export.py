@@ -91,6 +91,12 @@ def diffusers_unet_config(config: DictConfig) -> dict[str, Any]:
 
     unet_config = create_unet_diffusers_config_from_ldm(_plain(config), {})
     unet_config["sample_size"] = int(config.model.params.image_size)
+    if unet_config["attention_head_dim"] is None:
+        # heads given as channels per head (num_head_channels, the shapes SD models'): diffusers' helper reads that
+        # only with linear projections; its "attention_head_dim" is the number of heads, one entry per level
+        unet = config.model.params.unet_config.params
+        unet_config["attention_head_dim"] = [int(unet.model_channels) * int(m) // int(unet.num_head_channels)
+                                             for m in unet.channel_mult]
     if model_family(config) == SD2 and config.model.params.get("parameterization") == "v":
         unet_config["upcast_attention"] = True  # as diffusers' SD 2.x 768-v folders: float32 softmax under float16
     if model_family(config) == SDXL:

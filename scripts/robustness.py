@@ -5,6 +5,8 @@ shapes world, and writes the JSON, a markdown table and a plot.
         --sets shipped 1 103 104 --outdir outputs/robustness
     python scripts/robustness.py --concepts white:star yellow:square --sets 1 2 --seeds 1 2 3 \
         --outdir outputs/concepts
+    python scripts/robustness.py --family sd1 --trainer ours peer peer-k --concept orange_cross \
+        --seeds 1 2 3 4 5 --sets shipped 1 --outdir outputs/against_diffusers_sd1
 
 * picture sets: ``shipped`` is the concept folder under ``models/shapes/concepts``; a number ``S`` is a new set of
   five pictures drawn by :func:`ldm.data.shapes.concept_scenes` with generator seed ``S`` (the shipped folders'
@@ -29,6 +31,21 @@ shapes world, and writes the JSON, a markdown table and a plot.
   :mod:`ldm.train.override` ("a photo of a * on a <background> background" over all named backgrounds), so that a
   rule choosing among starts can be measured afterwards (``details.starts`` in the JSON).
 
+* models, ``--family ldm|sd1|sd2|sdxl`` (default ``ldm``, the shipped shapes LDM): the family's model
+  ``models/shapes-<family>/model.ckpt`` (``--ckpt PATH`` for another file; the LDM's is ``models/shapes/model.ckpt``),
+  judged with ``configs/shapes/shapes-<family>-inference.yaml`` and inverted with ``shapes-<family>-finetune.yaml``
+  (the orange cross and ``--concepts``; the pink background is LDM-only). Runs of a family other than ``ldm`` are
+  named ``..._<family>``;
+* trainers, ``--trainer ours|peer|peer-k`` (one or more; default ``ours``): ``peer`` is diffusers' textual-inversion
+  recipe as its README runs it (``scripts/peer_invert.py``: one vector from the init word, 3,000 updates of batch 1 x
+  accumulation 4, lr 5e-4 scaled, AdamW, its templates and flips) on a diffusers folder exported once per family into
+  ``<outdir>/diffusers-<family>``; ``peer-k`` is the same recipe with the finetune config's number of vectors.
+  SD v1/2.x only (the peer's SDXL recipe is not re-created here). Its word is rewritten under ``*`` and judged
+  exactly as ours; ``--peer-steps N`` shortens the peer for a quick look (the JSON and table say so). Each run
+  records the wall time to its final word (the trainer's process, start to end), its steps (ours: batches of 4;
+  the peer's: updates of 4 pictures) and seconds per step (wall / steps); runs are named ``..._<trainer>``
+  (``..._<trainer>_steps<N>`` when ``--peer-steps`` shortens the peer).
+
 A run whose ``result.json`` exists is not run again, so the command can be resumed and re-tabulated.
 """
 from __future__ import annotations
@@ -39,7 +56,6 @@ import logging
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -50,11 +66,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from evaluation.sweep_report import (  # noqa: E402  (the tables and plot of a sweep; RunResult is its record)
+    EDIT_MIN, RECON_MIN, SIGNALS, RunResult, markdown_table, peer_steps, plot, run_id, start_rows, starts_table, summary,
+)
+
 logger = logging.getLogger("robustness")
 
 CKPT = "models/shapes/model.ckpt"
 INFERENCE_CONFIG = "configs/shapes/shapes-ldm-inference.yaml"
-RECON_MIN, EDIT_MIN = 0.90, 0.85
+FAMILIES = ("ldm", "sd1", "sd2", "sdxl")
+TRAINERS = ("ours", "peer", "peer-k")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a sweep needs of one model family: the weights, the config to judge with and the one to invert with."""
+
+    family: str
+    ckpt: str
+    inference: str
+    finetune: str
+
+
+def model_files(family: str, ckpt: str | None = None) -> ModelFiles:
+    """``models/shapes-<family>/model.ckpt`` (the LDM's ``models/shapes/model.ckpt``) unless ``ckpt`` is given, and
+    the family's configs under ``configs/shapes``."""
+    default = CKPT if family == "ldm" else f"models/shapes-{family}/model.ckpt"
+    return ModelFiles(family, ckpt or default, f"configs/shapes/shapes-{family}-inference.yaml",
+                      f"configs/shapes/shapes-{family}-finetune.yaml")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The settings every run of one command shares."""
+
+    model: ModelFiles
+    outdir: Path
+    samples: int
+    overrides: tuple[str, ...] = ()
+    peer_steps: int = 3000
 
 
 @dataclass(frozen=True)
@@ -92,23 +142,6 @@ def drawn_concept(text: str) -> Concept:
     return Concept(f"{colour}:{shape}", CONCEPTS["orange_cross"].configs, "*", "shape", colour, shape)
 
 
-@dataclass
-class RunResult:
-    """One inversion and its judgement."""
-
-    concept: str
-    picture_set: str
-    seed: int
-    reconstruction: float
-    editability: float
-    success: bool
-    wall_s: float
-    steps: int
-    samples: int
-    embedding: str
-    details: dict
-
-
 def picture_folder(concept: Concept, picture_set: str, outdir: Path) -> Path:
     """The shipped folder, or a new set drawn with generator seed ``picture_set`` (written once, deterministic)."""
     if picture_set == "shipped":
@@ -134,14 +167,17 @@ def seen_backgrounds(folder: Path) -> list[str]:
     return list(dict.fromkeys(p.read_text().strip() for p in sorted(folder.glob("*.txt"))))
 
 
-def run_id(concept: str, picture_set: str, seed: int) -> str:
-    """A run's folder name: ``white-star_1_s2`` (a concept's name in files has no colon)."""
-    return f"{concept.replace(':', '-')}_{picture_set}_s{seed}"
+def for_family(concept: Concept, model: ModelFiles) -> Concept:
+    """``concept`` inverted with ``model``'s finetune config in place of the LDM's (the other configs kept)."""
+    if model.family == "ldm":
+        return concept
+    return replace(concept, configs=(model.finetune, *concept.configs[1:]))
 
 
-def invert(concept: Concept, folder: Path, seed: int, rundir: Path, overrides: list[str]) -> tuple[float, Path, int]:
+def invert(concept: Concept, folder: Path, seed: int, rundir: Path, overrides: list[str],
+           ckpt: str = CKPT) -> tuple[float, Path, int]:
     """Run ``main.py`` (one torch thread); returns its wall time, the embedding file and the step it stopped at."""
-    cmd = [sys.executable, str(ROOT / "main.py"), "--base", *concept.configs, "-t", "--actual_resume", CKPT,
+    cmd = [sys.executable, str(ROOT / "main.py"), "--base", *concept.configs, "-t", "--actual_resume", ckpt,
            "-n", rundir.name, "--data_root", str(folder), "--init_word", concept.init_word, "--seed", str(seed),
            "-l", str(rundir / "logs"), "--placeholder_string", concept.placeholder, "--no-test", "true",
            "lightning.callbacks.restarts.params.save_starts=true", *overrides]
@@ -202,9 +238,10 @@ def signal_prompts() -> list[str]:
     return [f"a photo of a * on a {b} background" for b in NAMED_BACKGROUNDS]
 
 
-def judge(name: str, embedding: Path, samples: int, edit_backs: list[str]) -> dict:
+def judge(name: str, embedding: Path, samples: int, edit_backs: list[str], files: ModelFiles | None = None) -> dict:
     """Reconstruction and editability of the learned word (see the module docstring); for ``*`` words also the
-    override signals, and the same for every start saved next to the embedding (``starts``)."""
+    override signals, and the same for every start saved next to the embedding (``starts``). SDXL words are judged
+    without the signals and starts (:mod:`ldm.train.override` reads a single text encoder)."""
     import numpy as np
     import torch
 
@@ -215,12 +252,15 @@ def judge(name: str, embedding: Path, samples: int, edit_backs: list[str]) -> di
 
     torch.set_num_threads(1)
     concept = concept_of(name)
-    model = load_model_from_config(INFERENCE_CONFIG, ROOT / CKPT, "cpu", embedding_path=embedding)
+    files = files or model_files("ldm")
+    model = load_model_from_config(ROOT / files.inference, ROOT / files.ckpt, "cpu", embedding_path=embedding)
     evaluator = ShapesJudgeEvaluator(model, SampleSettings(n_samples=samples, batch_size=samples))
     if concept.placeholder != "*":
         got = evaluator.judged(f"{TEMPLATE.format('shape')} on a & background")
         recon = float(np.mean([j.background == UNNAMED_BACKGROUND for j in got]))
         return {"reconstruction": recon, "editability": evaluator.background_share(" on a & background", n=samples)}
+    if getattr(model, "cond_stage_model", None) is None:  # SDXL: two text encoders behind a conditioner
+        return concept_scores(evaluator, concept, edit_backs)
     set_reference(model, concept.init_word)
     scores = concept_scores(evaluator, concept, edit_backs) | {"signals": override_signals(model, signal_prompts())}
     kept = model.embedding_manager.string_to_param_dict["*"].detach().clone()
@@ -236,14 +276,46 @@ def judge(name: str, embedding: Path, samples: int, edit_backs: list[str]) -> di
     return scores
 
 
-def one_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples: int, overrides: list[str]) -> RunResult:
-    rundir = outdir / "runs" / run_id(concept.name, picture_set, seed)
+def train_word(concept: Concept, picture_set: str, seed: int, trainer: str, sweep: Sweep, rundir: Path,
+               folder: Path) -> tuple[float, Path, int, dict]:
+    """One trainer's word for the run: wall time to it, the file our loader reads, its steps, what else to record."""
+    if trainer == "ours":
+        wall, embedding, steps = invert(concept, folder, seed, rundir, list(sweep.overrides), sweep.model.ckpt)
+        return wall, embedding, steps, starts_from_log((rundir / "main.log").read_text(errors="replace"))
+    from evaluation.peer_runs import export_once, run_peer
+
+    diffusers = export_once(ROOT / sweep.model.inference, ROOT / sweep.model.ckpt,
+                            sweep.outdir / f"diffusers-{sweep.model.family}")
+    vectors = 1 if trainer == "peer" else finetune_vectors(sweep.model)
+    got = run_peer(diffusers, folder, seed, rundir, concept.init_word, vectors, sweep.peer_steps)
+    recipe = {"num_vectors": vectors, "max_train_steps": sweep.peer_steps, "readme_steps": sweep.peer_steps == 3000}
+    return got.wall_s, got.word, got.updates, {"peer_run": got.record, "recipe": recipe}
+
+
+def finetune_vectors(model: ModelFiles) -> int:
+    """Vectors per word in the family's finetune config (what ``peer-k`` gives the peer)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(ROOT / model.finetune)
+    return int(OmegaConf.select(config, "model.params.personalization_config.params.num_vectors_per_token", default=1))
+
+
+def run_name(concept: Concept, picture_set: str, seed: int, trainer: str, sweep: Sweep) -> str:
+    """The run's folder: :func:`run_id`, and for a peer cut short its updates (``..._peer_steps50``), so that a quick
+    look is never taken, on resuming, for a run of the recipe."""
+    name = run_id(concept.name, picture_set, seed, trainer, sweep.model.family)
+    return name if trainer == "ours" or sweep.peer_steps == 3000 else f"{name}_steps{sweep.peer_steps}"
+
+
+def one_run(concept: Concept, picture_set: str, seed: int, trainer: str, sweep: Sweep) -> RunResult:
+    rundir = sweep.outdir / "runs" / run_name(concept, picture_set, seed, trainer, sweep)
     saved = rundir / "result.json"
     if saved.exists():
         return RunResult(**json.loads(saved.read_text()))
-    folder = picture_folder(concept, picture_set, outdir)
-    wall, embedding, steps = invert(concept, folder, seed, rundir, overrides)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--judge", concept.name, str(embedding), "--samples", str(samples)]
+    folder = picture_folder(concept, picture_set, sweep.outdir)
+    wall, embedding, steps, details = train_word(concept, picture_set, seed, trainer, sweep, rundir, folder)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--judge", concept.name, str(embedding), "--samples",
+           str(sweep.samples), "--family", sweep.model.family, "--ckpt", sweep.model.ckpt]
     if concept.colour is not None:
         from ldm.data.shapes import edit_backgrounds
 
@@ -251,9 +323,10 @@ def one_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     scores = json.loads(subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     recon, edit = scores.pop("reconstruction"), scores.pop("editability")
-    scores.update(starts_from_log((rundir / "main.log").read_text(errors="replace")))
+    scores.update(details, ckpt=sweep.model.ckpt)
     result = RunResult(concept.name, picture_set, seed, recon, edit, recon >= RECON_MIN and edit >= EDIT_MIN, round(wall, 1),
-                       steps, samples, str(embedding.relative_to(outdir)), scores)
+                       steps, sweep.samples, str(embedding.relative_to(sweep.outdir)), scores, trainer,
+                       round(wall / max(steps, 1), 4))
     tmp = saved.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(result), indent=2))
     os.replace(tmp, saved)
@@ -262,101 +335,14 @@ def one_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples
     return result
 
 
-def guarded_run(concept: Concept, picture_set: str, seed: int, outdir: Path, samples: int, overrides: list[str]) -> RunResult:
+def guarded_run(concept: Concept, picture_set: str, seed: int, trainer: str, sweep: Sweep) -> RunResult:
     """:func:`one_run`; a run that crashes counts as a failed run (not saved, so the next call tries it again)."""
     try:
-        return one_run(concept, picture_set, seed, outdir, samples, overrides)
+        return one_run(concept, picture_set, seed, trainer, sweep)
     except (RuntimeError, subprocess.CalledProcessError, ValueError) as exc:
-        logger.error("%s: %s", run_id(concept.name, picture_set, seed), exc)
-        return RunResult(concept.name, picture_set, seed, 0.0, 0.0, False, 0.0, 0, samples, "", {"error": str(exc)})
-
-
-def summary(results: list[RunResult]) -> dict:
-    by_concept: dict[str, dict] = {}
-    for name in dict.fromkeys(r.concept for r in results):
-        rows = [r for r in results if r.concept == name]
-        by_concept[name] = {
-            "runs": len(rows), "successes": sum(r.success for r in rows),
-            "success_rate": sum(r.success for r in rows) / len(rows),
-            "median_wall_s": statistics.median(r.wall_s for r in rows),
-            "median_steps": statistics.median(r.steps for r in rows),
-            "failed": [run_id(r.concept, r.picture_set, r.seed) for r in rows if not r.success],
-        }
-    return by_concept
-
-
-def markdown_table(results: list[RunResult], totals: dict) -> str:
-    lines = ["| concept | picture set | seed | reconstruction | editability | success | steps | wall time (s) |",
-             "| --- | --- | ---: | ---: | ---: | :---: | ---: | ---: |"]
-    for r in results:
-        lines.append(f"| {r.concept} | {r.picture_set} | {r.seed} | {r.reconstruction:.0%} | {r.editability:.0%} | "
-                     f"{'yes' if r.success else '**no**'} | {r.steps} | {r.wall_s:.0f} |")
-    lines.append("")
-    for name, t in totals.items():
-        lines.append(f"- {name}: {t['successes']}/{t['runs']} runs succeed ({t['success_rate']:.0%}); median wall time "
-                     f"{t['median_wall_s']:.0f} s, median {t['median_steps']:.0f} steps")
-    return "\n".join(lines) + "\n"
-
-
-SIGNALS = ("text_override", "text_contrast", "text_contrast_min", "unet_contrast", "unet_contrast_min")
-
-
-def start_rows(results: list[RunResult]) -> list[dict]:
-    """Every judged start of every run: its deterministic loss (from the log), judgement and override signals."""
-    rows = []
-    for r in results:
-        logged = r.details.get("starts", [])
-        for k, start in enumerate(r.details.get("judged_starts", [])):
-            rows.append({"run": run_id(r.concept, r.picture_set, r.seed), "start": k + 1, "kept": start["kept"],
-                         "loss": logged[k]["loss"] if k < len(logged) else float("nan"),
-                         "reconstruction": start["reconstruction"], "editability": start["editability"],
-                         "edits": start["edits"], **start["signals"]})
-    return rows
-
-
-def starts_table(rows: list[dict]) -> str:
-    """The starts as a markdown table, and for each signal its range over the starts that reconstruct (>= 90%) and
-    edit (>= 85%) against those that reconstruct but do not edit: does the signal tell them apart?"""
-    lines = ["| run | start | kept | det. loss | reconstruction | editability | " + " | ".join(SIGNALS) + " |",
-             "| --- | ---: | :---: | ---: | ---: | ---: |" + " ---: |" * len(SIGNALS)]
-    for row in rows:
-        lines.append(f"| {row['run']} | {row['start']} | {'yes' if row['kept'] else ''} | {row['loss']:.5f} | "
-                     f"{row['reconstruction']:.0%} | {row['editability']:.0%} | "
-                     + " | ".join(f"{row[name]:.4f}" for name in SIGNALS) + " |")
-    good = [r for r in rows if r["reconstruction"] >= RECON_MIN and r["editability"] >= EDIT_MIN]
-    stuck = [r for r in rows if r["reconstruction"] >= RECON_MIN and r["editability"] < EDIT_MIN]
-    lines += ["", f"- starts that reconstruct and edit: {len(good)}; reconstruct but fail editability: {len(stuck)}"]
-    for name in SIGNALS:
-        spans = [f"{label} {min(r[name] for r in group):.4f}–{max(r[name] for r in group):.4f}"
-                 for label, group in (("edit", good), ("fail", stuck)) if group]
-        lines.append(f"- {name}: " + ", ".join(spans))
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: list[RunResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    concepts = list(dict.fromkeys(r.concept for r in results))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for k, name in enumerate(concepts):
-        rows = [r for r in results if r.concept == name]
-        rate = sum(r.success for r in rows) / len(rows)
-        axes[0].scatter([r.editability for r in rows], [r.reconstruction for r in rows], alpha=0.6,
-                        marker="os^D"[k % 4], label=f"{name}: {rate:.0%} of {len(rows)} succeed")
-        axes[1].scatter([r.steps for r in rows], [r.wall_s for r in rows], alpha=0.6, marker="os^D"[k % 4], label=name)
-    axes[0].axhline(RECON_MIN, color="gray", lw=0.8, ls="--")
-    axes[0].axvline(EDIT_MIN, color="gray", lw=0.8, ls="--")
-    axes[0].set(xlabel="editability", ylabel="reconstruction", xlim=(-0.05, 1.05), ylim=(-0.05, 1.05),
-                title="per run (success: upper right box)")
-    axes[0].legend(fontsize=8, loc="lower left")
-    axes[1].set(xlabel="steps trained", ylabel="wall time (s, one thread)", title="time per run")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        logger.error("%s: %s", run_name(concept, picture_set, seed, trainer, sweep), exc)
+        return RunResult(concept.name, picture_set, seed, 0.0, 0.0, False, 0.0, 0, sweep.samples, "", {"error": str(exc)},
+                         trainer)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -373,6 +359,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outdir", default="outputs/robustness")
     p.add_argument("--extra-config", nargs="+", default=[], metavar="FILE",
                    help="config files merged after each concept's own (a remedy to compare)")
+    p.add_argument("--family", choices=FAMILIES, default="ldm",
+                   help="the shapes model: models/shapes-<family>/model.ckpt with configs/shapes/shapes-<family>-"
+                        "{inference,finetune}.yaml (default: the shipped LDM)")
+    p.add_argument("--ckpt", default=None, metavar="PATH", help="another model file of the family")
+    p.add_argument("--trainer", nargs="+", choices=TRAINERS, default=["ours"],
+                   help="ours (main.py), peer (diffusers' recipe, one vector, 3,000 updates), peer-k (the same with "
+                        "our number of vectors); peer and peer-k need --family sd1 or sd2")
+    p.add_argument("--peer-steps", type=int, default=3000, metavar="N",
+                   help="the peer's updates (default: its README's 3,000; fewer is a quick look, reported as such)")
     p.add_argument("--report", action="store_true", help="only tabulate the runs already done (their result.json)")
     p.add_argument("--judge", nargs=2, metavar=("CONCEPT", "EMBEDDING"), help=argparse.SUPPRESS)
     p.add_argument("--edit-backgrounds", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -392,42 +387,78 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if opt.concepts and "shipped" in opt.sets:
         p.error("--sets: drawn concepts (--concepts) have no 'shipped' pictures; give generator seeds only")
     if opt.concept is None:
-        opt.concept = [] if opt.concepts else ["orange_cross", "pink_background"]
+        shipped = ["orange_cross", "pink_background"] if opt.family == "ldm" else ["orange_cross"]
+        opt.concept = [] if opt.concepts else shipped
+    check_family(p, opt)
     return opt
+
+
+def check_family(p: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
+    """One line for a family, trainer or model file that cannot run (before any run starts)."""
+    if opt.family != "ldm" and "pink_background" in opt.concept:
+        p.error(f"--concept pink_background is LDM-only (its templates and 'white' start are the shapes LDM's); "
+                f"drop it or use --family ldm")
+    peers = [t for t in opt.trainer if t != "ours"]
+    if peers and opt.family == "ldm":
+        p.error("--trainer peer: the peer's recipe needs a CLIP model, --family sd1 or sd2 (the shapes LDM's BERT "
+                "encoder does not open in diffusers)")
+    if peers and opt.family == "sdxl":
+        p.error("--trainer peer: diffusers' SDXL textual-inversion recipe is not re-created here "
+                "(scripts/peer_invert.py is SD v1/2.x); use --family sd1 or sd2, or --trainer ours")
+    if opt.peer_steps < 1:
+        p.error("--peer-steps must be at least 1")
+    if opt.report:
+        return
+    files = model_files(opt.family, opt.ckpt)
+    needed = [("--family", files.inference)] + ([("--family", files.finetune)] if not opt.judge else [])
+    for flag, path in needed:
+        if not (ROOT / path).is_file():
+            p.error(f"{flag} {opt.family}: no config '{path}'; that family's shapes model is not set up yet")
+    if opt.ckpt is not None:
+        if not Path(opt.ckpt).is_file():
+            p.error(f"--ckpt: no model file '{opt.ckpt}'")
+        opt.ckpt = str(Path(opt.ckpt).resolve())  # the runs work in the repository, not where the command was given
+    elif not (ROOT / files.ckpt).is_file():
+        p.error(f"--family {opt.family}: no model file '{files.ckpt}'; train it (docs/shapes-sd.md) or pass --ckpt PATH")
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt = parse_args(argv)
+    model = model_files(opt.family, opt.ckpt)
     if opt.judge:
         logging.disable(logging.WARNING)
-        print(json.dumps(judge(opt.judge[0], Path(opt.judge[1]), opt.samples, opt.edit_backgrounds)))
+        print(json.dumps(judge(opt.judge[0], Path(opt.judge[1]), opt.samples, opt.edit_backgrounds, model)))
         return
     outdir = Path(opt.outdir).resolve()
+    sweep = Sweep(model, outdir, opt.samples, tuple(opt.overrides), opt.peer_steps)
     names = [*opt.concept, *opt.concepts]
-    # seed by seed, so that a sweep cut short has covered every concept and picture set equally
-    concepts = {c: replace(concept_of(c), configs=(*concept_of(c).configs, *opt.extra_config)) for c in names}
-    jobs = [(concepts[c], s, seed) for seed in opt.seeds for s in opt.sets for c in names]
+    # seed by seed, so that a sweep cut short has covered every concept, picture set and trainer equally
+    concepts = {c: for_family(concept_of(c), model) for c in names}
+    concepts = {c: replace(k, configs=(*k.configs, *opt.extra_config)) for c, k in concepts.items()}
+    jobs = [(concepts[c], s, seed, t) for seed in opt.seeds for s in opt.sets for c in names for t in opt.trainer]
     if opt.report:
-        saved = [outdir / "runs" / run_id(c.name, s, seed) / "result.json" for c, s, seed in jobs]
+        saved = [outdir / "runs" / run_name(c, s, seed, t, sweep) / "result.json" for c, s, seed, t in jobs]
         results = [RunResult(**json.loads(path.read_text())) for path in saved if path.exists()]
         if not results:
             raise SystemExit(f"--report: no finished runs under {outdir / 'runs'}")
     else:
         with ThreadPoolExecutor(max_workers=max(1, opt.jobs)) as pool:
-            results = list(pool.map(lambda job: guarded_run(*job, outdir, opt.samples, opt.overrides), jobs))
-    results.sort(key=lambda r: (names.index(r.concept), opt.sets.index(r.picture_set), r.seed))
+            results = list(pool.map(lambda job: guarded_run(*job, sweep), jobs))
+    results.sort(key=lambda r: (names.index(r.concept), opt.trainer.index(r.trainer), opt.sets.index(r.picture_set), r.seed))
     totals = summary(results)
-    payload = {"command": sys.argv, "overrides": opt.overrides, "extra_config": opt.extra_config, "samples": opt.samples,
-               "summary": totals,
+    payload = {"command": sys.argv, "family": opt.family, "ckpt": model.ckpt, "trainers": opt.trainer,
+               "peer_steps": peer_steps(results), "overrides": opt.overrides,
+               "extra_config": opt.extra_config, "samples": opt.samples, "summary": totals,
                "runs": [asdict(r) for r in results]}
     (outdir / "results.json").write_text(json.dumps(payload, indent=2))
-    (outdir / "table.md").write_text(markdown_table(results, totals))
+    table = markdown_table(results, totals)
+    (outdir / "table.md").write_text(table)
     starts = start_rows(results)
     if starts:
         (outdir / "starts.md").write_text(starts_table(starts))
     plot(results, outdir / "robustness.png")
-    print(markdown_table(results, totals))
+    print(table)
     print(f"results: {outdir / 'results.json'}  table: {outdir / 'table.md'}  plot: {outdir / 'robustness.png'}")
 
 

@@ -179,3 +179,21 @@ def test_bad_input_is_one_line(both, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and words in err[0], err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@torch.no_grad()
+def test_the_shapes_sd1_layout_converts():
+    """configs/shapes/shapes-sd1-inference.yaml gives its heads as channels per head (num_head_channels: 32, no linear
+    projections), which diffusers' helper leaves unset; the exporter derives the heads per level and the UNet agrees."""
+    config = load_config("configs/shapes/shapes-sd1-inference.yaml")
+    assert diffusers_unet_config(config)["attention_head_dim"] == [1, 2, 4]  # 32, 64, 128 channels / 32 per head
+    torch.manual_seed(0)
+    model = instantiate_from_config(config.model).eval()
+    model.embedding_manager = None
+    for p in model.model.parameters():
+        p.add_(0.02 * torch.randn_like(p))
+    pipe = diffusers_pipeline(config, model.state_dict())
+    context = model.get_learned_conditioning(PROMPTS)
+    close(context, pipe.encode_prompt(PROMPTS, "cpu", 1, False)[0])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    close(model.apply_model(x, t, context), pipe.unet(x, t, encoder_hidden_states=context).sample)

@@ -22,7 +22,7 @@ ROOMS: list[tuple[str, int]] = [
     # generation, evaluation and the embedding tools: never training
     ("ldm.generate", 6), ("evaluation", 6), ("merge_embeddings", 6), ("scripts.txt2img", 6), ("scripts.stable_txt2img", 6),
     ("scripts.embedding_tool", 6), ("scripts.evaluate_model", 6), ("scripts.evaluate_vae", 6), ("scripts.export_ema_weights", 6),
-    ("scripts.peer_step", 6), ("ldm.diffusers_export", 6), ("scripts.convert_to_diffusers", 6),
+    ("scripts.peer_step", 6), ("ldm.diffusers_export", 6), ("scripts.convert_to_diffusers", 6), ("scripts.draw_in_diffusers", 6),
     ("ldm.train", 7),
     ("main", 8), ("scripts.benchmark", 8), ("scripts.gpu_check", 8), ("scripts.robustness", 8), ("scripts.peer_invert", 8),
     ("ldm", 0),  # the package's own __init__ (empty)
