@@ -57,6 +57,25 @@ def test_force_zero_embeddings_zeroes_only_that_input(conditioner):
     assert out["vector"][:, 16:].abs().sum() > 0
 
 
+def test_empty_captions_are_zeroed_in_the_same_pass_as_the_others():
+    """A batch with empty captions (caption dropout) runs each text encoder once: the empty ones' text parts are
+    exactly the all-zero conditioning, the others' exactly their own, the size embeddings kept for all."""
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(TINY_SDXL).model)
+    prompts = ["a cat", "", "a dog", ""]
+    calls = []
+    hooks = [e.register_forward_hook(lambda m, i, o: calls.append(m)) for _, e in model.conditioner.text_embedders()]
+    out = model.get_learned_conditioning(batch(prompts))
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == 2  # one call per text encoder
+    own = model.conditioner(batch(["a cat", "a dog"]))
+    zero = model.conditioner(batch(["", ""]), force_zero_embeddings=["txt"])
+    for key in ("crossattn", "vector"):
+        assert torch.allclose(out[key][[0, 2]], own[key], atol=1e-6)  # another batch size: float round-off only
+        assert torch.equal(out[key][[1, 3]], zero[key])
+
+
 def test_ucg_rate_drops_that_embedders_output_per_sample(conditioner):
     assert conditioner(batch(["a"]))["vector"][:, 16:24].abs().sum() > 0
     conditioner.embedders[2].ucg_rate = 1.0

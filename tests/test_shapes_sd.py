@@ -84,3 +84,12 @@ def test_main_trains_and_resumes_the_sd1_config(tmp_path):
     assert "Restored all states" in done.stderr + done.stdout
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 4
+
+
+def test_the_sdxl_config_trains_with_the_fused_optimizer():
+    """fused_optimizer: true (the speed note in shapes-sdxl-train.yaml); the other configs keep the for-each AdamW."""
+    for name, fused in (("shapes-sdxl-train.yaml", True), ("shapes-sd1-train.yaml", None)):
+        model, _ = _model_and_batch(name)
+        model.learning_rate = 1e-3
+        (optimizer,), _ = model.configure_optimizers()
+        assert optimizer.defaults["fused"] is fused

@@ -136,8 +136,10 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
         use_positional_encodings: bool = False,
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
+        fused_optimizer: bool = False,
     ) -> None:
         super().__init__()
+        self.fused_optimizer = fused_optimizer
         if parameterization not in ("eps", "x0", "v"):
             raise ValueError(f'parameterization must be "eps", "x0" or "v", not "{parameterization}"')
         self.parameterization = parameterization

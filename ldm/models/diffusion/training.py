@@ -126,7 +126,13 @@ class DDPMTrainingMixin:
         return params
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.trainable_model_parameters(), lr=self.learning_rate)
+        """AdamW over the trainable weights; with ``fused_optimizer: true`` PyTorch's fused kernel (the same update,
+        one pass over all weights: 3-7x faster than the for-each form on the CPU, see shapes-sdxl-train.yaml)."""
+        params = self.trainable_model_parameters()
+        if getattr(self, "fused_optimizer", False):
+            opt = make_adamw(params, lr=self.learning_rate)
+        else:
+            opt = torch.optim.AdamW(params, lr=self.learning_rate)
         if not self.use_scheduler:
             return opt
         scheduler = instantiate_from_config(self.scheduler_config)
