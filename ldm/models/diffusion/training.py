@@ -140,6 +140,16 @@ class DDPMTrainingMixin:
         return [opt], [lr_sched]
 
 
+def latent_cache_keys(batch: dict) -> list[tuple]:
+    """Each item's latent-cache key: (image index, flipped), and the crop's (top, left) when the dataset draws random
+    crops (an item's ``crop``): one latent per distinct picture the encoder is shown."""
+    index, flip = torch.as_tensor(batch["index"]).tolist(), torch.as_tensor(batch["flip"]).tolist()
+    keys = [(int(i), bool(f)) for i, f in zip(index, flip)]
+    if "crop" in batch:
+        keys = [key + tuple(int(c) for c in crop) for key, crop in zip(keys, torch.as_tensor(batch["crop"]).tolist())]
+    return keys
+
+
 class InversionTrainingMixin:
     """Textual inversion on LatentDiffusion: latent cache, embedding-only optimizer, small checkpoints.
 
@@ -155,8 +165,7 @@ class InversionTrainingMixin:
         if not (self.cache_latents and "index" in batch and "flip" in batch):
             return self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
         cache = self.latent_cache
-        keys = batch.get("cache_keys") or list(zip(batch["index"].tolist(), batch["flip"].tolist()))
-        keys = [(int(i), bool(f)) for i, f in keys[: x.shape[0]]]
+        keys = (batch.get("cache_keys") or latent_cache_keys(batch))[: x.shape[0]]
         # each (image, flip) alone: a convolution's last bits depend on the batch it runs in, and the cache must not
         # depend on which batch met a pair first (a resumed run meets it in another one)
         for j, key in enumerate(keys):
@@ -174,7 +183,7 @@ class InversionTrainingMixin:
         """Note the latent-cache keys on the host before Lightning moves the batch to the device, where reading
         them would make the host wait for the device every step."""
         if isinstance(batch, dict) and "index" in batch and "flip" in batch:
-            batch["cache_keys"] = list(zip(torch.as_tensor(batch["index"]).tolist(), torch.as_tensor(batch["flip"]).tolist()))
+            batch["cache_keys"] = latent_cache_keys(batch)
         return batch
 
     def on_fit_start(self) -> None:
