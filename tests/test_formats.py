@@ -485,3 +485,13 @@ def test_the_files_own_config_names_its_family_where_the_width_cannot(tmp_path):
         assert config_family(text) is None
     plain = save_original(tmp_path / "plain.pt", {"*": torch.zeros(2, 64)}, {"*": 265})
     assert read_embeddings(plain).family == family_for_width(64)
+
+
+def test_inspect_reads_a_shapes_sd_word_with_the_clip_vocabulary(tmp_path, capsys):
+    """A width-64 word whose file names an SD family in its config: its token id is a CLIP one, not BERT's."""
+    tool = load_script("embedding_tool")
+    sd1 = "model:\n  params:\n    cond_stage_config:\n      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder\n"
+    path = save_original(tmp_path / "e.pt", {"*": torch.zeros(4, 64)}, {"*": STAR_CLIP}, {"config": sd1})
+    tool.main(["inspect", str(path)])
+    out = capsys.readouterr().out
+    assert "width: 64 (SD v1 (width 64))" in out and f"token id {STAR_CLIP} ('*')" in out
