@@ -41,6 +41,7 @@ from ldm.modules.embedding_formats import (  # noqa: E402
     LoadedEmbeddings,
     check_sdxl_widths,
     check_width,
+    config_family,
     default_format,
     read_embeddings,
     resolve_token_id,
@@ -95,8 +96,14 @@ def load_text_encoders(config_path: str, ckpt: str) -> dict[str, Any]:
 
 
 def tokenizer_kind(opt: argparse.Namespace, loaded: LoadedEmbeddings) -> str | None:
-    """``--tokenizer``, else CLIP for SDXL words (both encoders use the CLIP BPE), else None (chosen by width)."""
-    return opt.tokenizer or ("clip" if loaded.is_sdxl else None)
+    """``--tokenizer``, else CLIP for SDXL words (both encoders use the CLIP BPE) and for words whose file names an SD
+    family in its training config (the shapes SD models' width 64 alone would pick the shapes LDM's BERT vocabulary),
+    else None (chosen by width)."""
+    if opt.tokenizer:
+        return opt.tokenizer
+    if loaded.is_sdxl or config_family(loaded.metadata.get("config")) in ("SD v1", "SD 2.x", "SDXL"):
+        return "clip"
+    return None
 
 
 def inspect(opt: argparse.Namespace) -> None:

@@ -412,6 +412,35 @@ def test_size_conditioning_gives_original_size_crop_corner_and_target(tmp_path: 
     assert "original_size_as_tuple" not in PersonalizedBase(tmp_path, size=10)[0]
 
 
+def test_random_crops_are_squares_of_the_resized_picture_with_their_corner_recorded(tmp_path: Path) -> None:
+    """random_crop: the short side resized to the training size, a random square of it per item; the corner in the
+    size conditioning (mirrored with the flip), the crop in the item (for the latent cache); seeded draws repeat."""
+    ramp = np.tile(np.arange(40, dtype=np.uint8)[None, :, None] * 6, (20, 1, 3))  # 40 wide, 20 high: column x is 6x
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    data = PersonalizedBase(tmp_path, size=10, random_crop=True, size_conditioning=True, interpolation="bilinear")
+    resized = np.asarray(Image.fromarray(ramp).resize((20, 10), Image.Resampling.BILINEAR))
+    torch.manual_seed(0)
+    items = [data[0] for _ in range(40)]
+    lefts = set()
+    for item in items:
+        top, left = item["crop"].tolist()
+        assert top == 0 and 0 <= left <= 10 and item["image"].shape == (10, 10, 3)
+        square = resized[:, left : left + 10]
+        expected = square[:, ::-1] if item["flip"] else square
+        assert np.array_equal(item["image"], personalized.to_model_range(expected))
+        corner = item["crop_coords_top_left"].tolist()
+        assert corner == [0, 20 - left - 10 if item["flip"] else left]
+        assert item["original_size_as_tuple"].tolist() == [20, 40] and item["target_size_as_tuple"].tolist() == [10, 10]
+        lefts.add(left)
+    assert len(lefts) > 5  # the 11 positions are all drawn from
+    torch.manual_seed(0)
+    again = [data[0] for _ in range(40)]
+    assert [(i["crop"].tolist(), i["flip"]) for i in items] == [(i["crop"].tolist(), i["flip"]) for i in again]
+    assert np.array_equal(data.get_image(0, False), personalized.to_model_range(resized[:, 5:15]))  # the centre
+    with pytest.raises(ValueError, match="random_crop needs a size and excludes center_crop"):
+        PersonalizedBase(tmp_path, size=10, random_crop=True, center_crop=True)
+
+
 def test_a_training_image_under_8_pixels_a_side_is_refused(tmp_path: Path) -> None:
     from ldm.data.images import ImageTooSmallError
 

@@ -468,3 +468,30 @@ def test_convert_to_diffusers_without_a_suffix_writes_the_diffusers_folder(tmp_p
         assert sorted(p.name for p in (tmp_path / target).iterdir()) == ["learned_embeds.safetensors", "learned_embeds_2.safetensors"]
         assert read_embeddings(tmp_path / target).is_sdxl  # the folder reads back as the SDXL pair
     assert not (tmp_path / "xlcat_2").exists()
+
+
+def test_the_files_own_config_names_its_family_where_the_width_cannot(tmp_path):
+    """Width 64 is every shapes model's: a file whose provenance record holds its training config is named by it;
+    a file without one (or with text that is no model config) falls back to the width's guess."""
+    from ldm.modules.embedding_formats import config_family
+
+    sd2 = "model:\n  params:\n    cond_stage_config:\n      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder\n"
+    path = save_original(tmp_path / "e.pt", {"*": torch.zeros(2, 64)}, {"*": 265}, {"config": sd2, "step": 3})
+    assert read_embeddings(path).family == "SD 2.x (width 64)"
+    assert config_family("model:\n  params:\n    conditioner_config: {}\n") == "SDXL"
+    assert config_family(sd2.replace("FrozenOpenCLIPEmbedder", "FrozenCLIPEmbedder")) == "SD v1"
+    assert config_family(sd2.replace("FrozenOpenCLIPEmbedder", "BERTEmbedder")) == "LDM"
+    for text in (None, "", "not: [a config", "model: 3", "just text"):
+        assert config_family(text) is None
+    plain = save_original(tmp_path / "plain.pt", {"*": torch.zeros(2, 64)}, {"*": 265})
+    assert read_embeddings(plain).family == family_for_width(64)
+
+
+def test_inspect_reads_a_shapes_sd_word_with_the_clip_vocabulary(tmp_path, capsys):
+    """A width-64 word whose file names an SD family in its config: its token id is a CLIP one, not BERT's."""
+    tool = load_script("embedding_tool")
+    sd1 = "model:\n  params:\n    cond_stage_config:\n      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder\n"
+    path = save_original(tmp_path / "e.pt", {"*": torch.zeros(4, 64)}, {"*": STAR_CLIP}, {"config": sd1})
+    tool.main(["inspect", str(path)])
+    out = capsys.readouterr().out
+    assert "width: 64 (SD v1 (width 64))" in out and f"token id {STAR_CLIP} ('*')" in out

@@ -57,6 +57,25 @@ def test_force_zero_embeddings_zeroes_only_that_input(conditioner):
     assert out["vector"][:, 16:].abs().sum() > 0
 
 
+def test_empty_captions_are_zeroed_in_the_same_pass_as_the_others():
+    """A batch with empty captions (caption dropout) runs each text encoder once: the empty ones' text parts are
+    exactly the all-zero conditioning, the others' exactly their own, the size embeddings kept for all."""
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(TINY_SDXL).model)
+    prompts = ["a cat", "", "a dog", ""]
+    calls = []
+    hooks = [e.register_forward_hook(lambda m, i, o: calls.append(m)) for _, e in model.conditioner.text_embedders()]
+    out = model.get_learned_conditioning(batch(prompts))
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == 2  # one call per text encoder
+    own = model.conditioner(batch(["a cat", "a dog"]))
+    zero = model.conditioner(batch(["", ""]), force_zero_embeddings=["txt"])
+    for key in ("crossattn", "vector"):
+        assert torch.allclose(out[key][[0, 2]], own[key], atol=1e-6)  # another batch size: float round-off only
+        assert torch.equal(out[key][[1, 3]], zero[key])
+
+
 def test_ucg_rate_drops_that_embedders_output_per_sample(conditioner):
     assert conditioner(batch(["a"]))["vector"][:, 16:24].abs().sum() > 0
     conditioner.embedders[2].ucg_rate = 1.0
@@ -86,9 +105,8 @@ def test_sdxl_personalization_builds_one_manager_per_text_encoder():
     with pytest.raises(ValueError, match="cannot run on SDXL"):
         instantiate_from_config(config.model)
     config = OmegaConf.load(TINY_SDXL)
-    for key, value in (("unfreeze_model", True), ("context_reg_weight", 1.0)):
-        with pytest.raises(ConfigError, match=f"{key} is not supported on SDXL"):
-            instantiate_from_config({**config.model, "params": {**config.model.params, key: value}})
+    with pytest.raises(ConfigError, match="unfreeze_model is not supported on SDXL"):
+        instantiate_from_config({**config.model, "params": {**config.model.params, "unfreeze_model": True}})
 
 
 @pytest.mark.parametrize("config,ckpt,have,want", [
@@ -100,3 +118,31 @@ def test_file_of_the_other_family_is_one_line_naming_both(config, ckpt, have, wa
     with pytest.raises(CheckpointError, match=f"it is an {have} .*checkpoint but the config builds an {want} ") as err:
         model.init_from_ckpt(str(EQUIV2 / ckpt))
     assert "\n" not in str(err.value) and ckpt in str(err.value)
+
+
+def test_context_regulariser_covers_both_encoders_and_only_the_other_positions():
+    """On SDXL the context rows of both encoders: zero with the init words in place; after moving the learned vectors
+    (either half), positive, and its gradient reaches only them; logged as part of the loss."""
+    config = OmegaConf.load(REPO / "configs" / "shapes" / "shapes-sdxl-finetune.yaml")
+    torch.manual_seed(0)
+    model = instantiate_from_config(config.model)
+    prompts = ["a photo of a * on a blue background", "a photo of a *", ""]
+    captions = model.size_batch(prompts, 32, 32)
+    halves = model.embedding_manager.halves
+    with torch.no_grad():  # init_noise moved the vectors off the init word: put them on it
+        for half in halves.values():
+            half.string_to_param_dict["*"].copy_(half.initial_embeddings["*"])
+    assert float(model.context_preservation_loss(captions, model.get_learned_conditioning(captions))) == 0.0
+    for name in ("clip_l", "clip_g"):
+        with torch.no_grad():
+            for half in halves.values():
+                half.string_to_param_dict["*"].copy_(half.initial_embeddings["*"])
+            halves[name].string_to_param_dict["*"].add_(torch.randn(4, 64))
+        model.zero_grad(set_to_none=True)
+        reg = model.context_preservation_loss(captions, model.get_learned_conditioning(captions))
+        assert float(reg) > 0
+        reg.backward()
+        assert halves[name].string_to_param_dict["*"].grad.abs().sum() > 0
+        assert all(p.grad is None for p in model.conditioner.parameters())
+    loss, logged = model(torch.randn(3, 4, 8, 8), captions)
+    assert float(logged["train/loss_context_reg"]) > 0 and torch.isclose(logged["train/loss"], loss)

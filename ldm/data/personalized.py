@@ -231,9 +231,15 @@ class TemplateCaptionDataset(Dataset):
     ``[filewords]`` for each image's own caption file ("a photo of a [filewords] on a {} background").
 
     ``size_conditioning`` (SDXL) adds each item's ``original_size_as_tuple`` (the file's height and width),
-    ``crop_coords_top_left`` (the centre crop's top-left corner in pixels of the training resolution, mirrored with
-    the flip as kohya's sd-scripts do: left becomes width - left - crop width; (0, 0) without ``center_crop``) and
+    ``crop_coords_top_left`` (the crop's top-left corner in pixels of the training resolution, mirrored with the
+    flip as kohya's sd-scripts do: left becomes width - left - crop width; (0, 0) without a crop) and
     ``target_size_as_tuple`` (the training size), as int64 ``[2]`` tensors.
+
+    ``random_crop`` (what SDXL's trainers do, instead of ``center_crop``): each picture is resized once so that its
+    short side is ``size``, and each item is a random ``size`` x ``size`` square of it, its corner drawn with
+    ``torch.randint`` after the flip, from the same global generator: a seeded run draws the same crops, and one
+    resumed with ``-r`` goes on with the crops the uninterrupted run drew (see ldm/train/resume.py). Items then carry
+    ``crop`` (top, left of the square before the flip), which the latent cache adds to its key.
     """
 
     templates: Sequence[str]
@@ -254,7 +260,10 @@ class TemplateCaptionDataset(Dataset):
         coarse_class_text: str | None = None,
         templates: Sequence[str] | None = None,
         size_conditioning: bool = False,
+        random_crop: bool = False,
     ) -> None:
+        if random_crop and (center_crop or size is None):
+            raise TemplateError("random_crop needs a size and excludes center_crop; set one of the two crops and the size")
         if templates is not None:
             bad = [t for t in templates if t.count("{}") != 1]
             if bad or not templates:
@@ -267,6 +276,7 @@ class TemplateCaptionDataset(Dataset):
         self.placeholder_token = placeholder_token
         self.per_image_tokens = per_image_tokens
         self.center_crop = center_crop
+        self.random_crop = random_crop
         self.mixing_prob = mixing_prob
         self.coarse_class_text = coarse_class_text
         self.size_conditioning = size_conditioning
@@ -298,7 +308,12 @@ class TemplateCaptionDataset(Dataset):
             pixels = center_square(pixels)
         if self.size is None:
             return np.ascontiguousarray(pixels)
-        resized = Image.fromarray(pixels).resize((self.size, self.size), resample=self.interpolation)
+        shape = (self.size, self.size)
+        if self.random_crop:  # the short side to size, the aspect kept: the crop is drawn per item
+            height, width = pixels.shape[:2]
+            scale = self.size / min(height, width)
+            shape = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
+        resized = Image.fromarray(pixels).resize(shape, resample=self.interpolation)
         return np.asarray(resized, dtype=np.uint8)
 
     def __len__(self) -> int:
@@ -311,10 +326,27 @@ class TemplateCaptionDataset(Dataset):
             return f"{self.coarse_class_text} {self.placeholder_token}"
         return self.placeholder_token
 
-    def get_image(self, i: int, flip: bool) -> np.ndarray:
-        """Image ``i % num_images`` as float32 ``[H, W, 3]`` in [-1, 1], mirrored left-right when ``flip``."""
+    def get_image(self, i: int, flip: bool, crop: tuple[int, int] | None = None) -> np.ndarray:
+        """Image ``i % num_images`` as float32 ``[H, W, 3]`` in [-1, 1], mirrored left-right when ``flip``; with
+        ``random_crop`` the square at ``crop`` (top, left; default the central one), cut before the flip."""
         pixels = self._pixels[i % self.num_images]
+        if self.random_crop:
+            top, left = crop if crop is not None else self.central_crop(i)
+            pixels = pixels[top : top + self.size, left : left + self.size]
         return to_model_range(pixels[:, ::-1] if flip else pixels)
+
+    def central_crop(self, i: int) -> tuple[int, int]:
+        """(top, left) of the central square of the resized image ``i % num_images`` (``random_crop``)."""
+        height, width = self._pixels[i % self.num_images].shape[:2]
+        return (height - self.size) // 2, (width - self.size) // 2
+
+    def draw_crop(self, i: int) -> tuple[int, int]:
+        """A random (top, left) for a square of the resized image ``i % num_images``, each offset uniform over the
+        positions that fit, from torch's global generator (``random_crop``)."""
+        height, width = self._pixels[i % self.num_images].shape[:2]
+        top = int(torch.randint(height - self.size + 1, (1,)).item())
+        left = int(torch.randint(width - self.size + 1, (1,)).item())
+        return top, left
 
     def sample_caption(self, i: int) -> str:
         """A random caption for image ``i % num_images`` (dual template with its letter with ``mixing_prob``;
@@ -333,17 +365,25 @@ class TemplateCaptionDataset(Dataset):
         index = i % self.num_images
         caption = self.sample_caption(index)
         flip = bool(torch.rand(1).item() < self.flip_p)
-        item = {"caption": caption, "image": self.get_image(index, flip), "index": index, "flip": flip}
+        crop = self.draw_crop(index) if self.random_crop else None
+        item = {"caption": caption, "image": self.get_image(index, flip, crop), "index": index, "flip": flip}
+        if crop is not None:
+            item["crop"] = torch.tensor(crop)
         if self.size_conditioning:
-            item.update(self.size_conditioning_of(index, flip))
+            item.update(self.size_conditioning_of(index, flip, crop))
         return item
 
-    def size_conditioning_of(self, index: int, flip: bool) -> dict[str, torch.Tensor]:
-        """SDXL's size conditioning of image ``index`` (see the class docstring)."""
+    def size_conditioning_of(self, index: int, flip: bool, crop: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """SDXL's size conditioning of image ``index`` (see the class docstring); ``crop`` as for :meth:`get_image`."""
         height, width = self._geometry[index]
         out_h, out_w = self._pixels[index].shape[:2]
         top = left = 0
-        if self.center_crop:
+        if self.random_crop:
+            top, left = crop if crop is not None else self.central_crop(index)
+            if flip:
+                left = out_w - left - self.size
+            out_h = out_w = self.size
+        elif self.center_crop:
             side = min(height, width)
             scale = out_h / side
             top, left = round((height - side) // 2 * scale), round((width - side) // 2 * scale)

@@ -74,6 +74,7 @@ class PersonalizedBase(TemplateCaptionDataset):
         per_image_tokens: bool = False,
         center_crop: bool = False,
         size_conditioning: bool = False,
+        random_crop: bool = False,
     ) -> None:
         super().__init__(
             data_root,
@@ -87,4 +88,5 @@ class PersonalizedBase(TemplateCaptionDataset):
             center_crop=center_crop,
             mixing_prob=0.25,
             size_conditioning=size_conditioning,
+            random_crop=random_crop,
         )

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import yaml
 from torch import nn
 
 from ldm.checkpoint import atomic_torch_save, refused_global
@@ -53,7 +54,7 @@ DIFFUSERS_FIRST, DIFFUSERS_SECOND = "learned_embeds", "learned_embeds_2"
 KOHYA_PLACEHOLDER = "*"
 
 FAMILIES = {
-    64: "the shipped shapes model (models/shapes: BERT-style encoder, width 64)",
+    64: "a shapes model (width 64: models/shapes' BERT-style encoder, or a shapes SD v1, 2.x or SDXL encoder)",
     768: "SD v1 (CLIP ViT-L/14, width 768)",
     1024: "SD v2 (OpenCLIP ViT-H/14, width 1024)",
     1280: "LDM-1.4B (BERT-style encoder, width 1280) or one half of SDXL (OpenCLIP ViT-bigG/14)",
@@ -64,6 +65,29 @@ _XTI_KEYS = {"IN01", "MID", "OUT11"}
 
 class EmbeddingFileError(UserError, ValueError):
     """An embedding file that cannot be used with this model; ``str()`` is a one-line message."""
+
+
+# the text encoder class a config names -> its family (SDXL's configs have a conditioner_config instead)
+ENCODER_FAMILIES = {"FrozenCLIPEmbedder": "SD v1", "FrozenOpenCLIPEmbedder": "SD 2.x", "BERTEmbedder": "LDM"}
+
+
+def config_family(config_text: Any) -> str | None:
+    """The family a model config names (the YAML an embedding file's provenance record holds, ``config``): "SDXL",
+    "SD 2.x", "SD v1" or "LDM"; None when the text is not such a config. Exact where the width is a guess: the shapes
+    models of every family have width-64 encoders."""
+    if not isinstance(config_text, str) or not config_text.strip():
+        return None
+    try:
+        params = yaml.safe_load(config_text)["model"]["params"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return None
+    if not isinstance(params, dict):
+        return None
+    if "conditioner_config" in params:
+        return "SDXL"
+    encoder = params.get("cond_stage_config")
+    target = str(encoder.get("target", "")) if isinstance(encoder, dict) else ""
+    return ENCODER_FAMILIES.get(target.rsplit(".", 1)[-1])
 
 
 def family_for_width(width: int) -> str:
@@ -105,8 +129,13 @@ class LoadedEmbeddings:
 
     @property
     def family(self) -> str:
+        """The family that made the vectors: named by the file's own training config where it holds one (files this
+        project wrote), else guessed from the width."""
         if self.is_sdxl:
             return sdxl_family(self.widths)
+        named = config_family(self.metadata.get("config"))
+        if named is not None and named != "SDXL":
+            return f"{named} (width {self.width})"
         return family_for_width(self.width)
 
     def halves(self) -> dict[str, dict[str, torch.Tensor]]:

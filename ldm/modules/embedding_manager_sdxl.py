@@ -37,12 +37,13 @@ class SDXLEmbeddingManager(nn.Module):
     def __init__(
         self, embedder: Any, placeholder_strings: list[str] | None = None, initializer_words: list[str] | None = None,
         per_image_tokens: bool = False, num_vectors_per_token: int = 1, progressive_words: bool = False,
-        embedding_manager_ckpt: str | None = None, **kwargs: Any,
+        embedding_manager_ckpt: str | None = None, init_noise: float = 0.0, **kwargs: Any,
     ) -> None:
-        """The EmbeddingManager's arguments, given to both halves (``embedding_manager_ckpt`` is loaded by the model)."""
+        """The EmbeddingManager's arguments, given to both halves (``embedding_manager_ckpt`` is loaded by the model;
+        ``init_noise``: each half's vectors start at its own init-word rows plus noise of that relative size)."""
         super().__init__()
         kwargs.update(placeholder_strings=placeholder_strings, initializer_words=initializer_words, per_image_tokens=per_image_tokens,
-                      num_vectors_per_token=num_vectors_per_token, progressive_words=progressive_words)
+                      num_vectors_per_token=num_vectors_per_token, progressive_words=progressive_words, init_noise=init_noise)
         text = embedder.text_embedders()
         if len(text) != len(SDXL_HALVES):
             raise ConfigError(f"an SDXL conditioner has {len(SDXL_HALVES)} text encoders (input_key: txt); this one has {len(text)}")

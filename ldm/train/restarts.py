@@ -22,6 +22,19 @@ from ldm.train.validation import DeterministicLoss
 logger = logging.getLogger(__name__)
 
 
+def vector_sets(manager: Any) -> dict[str, tuple[torch.nn.Parameter, torch.Tensor | None]]:
+    """Each learned vector set with its init-word rows (None without an init word), by label: the placeholder, or
+    ``clip_l/<placeholder>`` and ``clip_g/<placeholder>`` for SDXL's two halves (as the monitor labels them): a
+    start is all of them, so an SDXL start keeps and restarts both halves together."""
+    halves = getattr(manager, "halves", None)
+    managers = dict(halves.items()) if halves is not None else {"": manager}
+    return {
+        f"{half}/{p}" if half else p: (v, m.initial_embeddings[p] if p in m.initial_embeddings else None)
+        for half, m in managers.items()
+        for p, v in m.string_to_param_dict.items()
+    }
+
+
 class BestOfRestarts(pl.Callback):
     """Train ``candidates`` starts in turn and keep the lowest deterministic loss (mean of its last ``score_evals``
     evaluations). ``noise`` is the relative size of the noise added to the init word for every start after the first
@@ -82,7 +95,7 @@ class BestOfRestarts(pl.Callback):
             self.source.record(trainer, pl_module)
         manager = pl_module.embedding_manager
         score = sum(v for _, v in self.source.history[-self.score_evals:]) / len(self.source.history[-self.score_evals:])
-        self.results.append((score, step, {k: v.detach().clone() for k, v in manager.string_to_param_dict.items()}))
+        self.results.append((score, step, {k: v.detach().clone() for k, (v, _) in vector_sets(manager).items()}))
         logger.info("start %d of %d: deterministic loss %.5f after %d steps", len(self.results), self.candidates, score,
                     step - self.start_step)
         extra: dict[str, Any] = {"deterministic_loss": score, "step": step - self.start_step}
@@ -97,9 +110,10 @@ class BestOfRestarts(pl.Callback):
             self.restart(trainer, pl_module)
             return
         best = min(range(len(self.results)), key=lambda k: self.results[k][0])
+        learned = vector_sets(manager)
         with torch.no_grad():
             for name, vectors in self.results[best][2].items():
-                manager.string_to_param_dict[name].copy_(vectors)
+                learned[name][0].copy_(vectors)
         trainer.should_stop = True
         logger.info("keeping start %d of %d (deterministic loss %.5f; the others %s)", best + 1, len(self.results),
                     self.results[best][0], ", ".join(f"{r[0]:.5f}" for k, r in enumerate(self.results) if k != best))
@@ -122,8 +136,8 @@ class BestOfRestarts(pl.Callback):
         """New vectors (init word + noise), a fresh optimizer state, and fresh loss histories."""
         manager = pl_module.embedding_manager
         with torch.no_grad():
-            for name, param in manager.string_to_param_dict.items():
-                start = manager.initial_embeddings[name] if name in manager.initial_embeddings else param
+            for param, initial in vector_sets(manager).values():
+                start = initial if initial is not None else param
                 rms = start.pow(2).mean(dim=-1, keepdim=True).sqrt()
                 param.copy_(start + self.noise * rms * torch.randn(start.shape, device=start.device, dtype=start.dtype))
         for optimizer in trainer.optimizers:

@@ -136,8 +136,10 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
         use_positional_encodings: bool = False,
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
+        fused_optimizer: bool = False,
     ) -> None:
         super().__init__()
+        self.fused_optimizer = fused_optimizer
         if parameterization not in ("eps", "x0", "v"):
             raise ValueError(f'parameterization must be "eps", "x0" or "v", not "{parameterization}"')
         self.parameterization = parameterization
@@ -407,8 +409,9 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.cache_latents = cache_latents
-        # (image index, flipped) -> posterior mean and std of its latent (see InversionTrainingMixin.encode_latents)
-        self.latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        # (image index, flipped[, crop top, left]) -> posterior mean and std of its latent (see
+        # InversionTrainingMixin.encode_latents and training.latent_cache_keys)
+        self.latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.embedding_provenance = embedding_provenance
         self.context_reg_weight = context_reg_weight
         self.compile_options = CompileOptions.from_config(compile, compile_mode, compile_backend)

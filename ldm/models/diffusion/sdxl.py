@@ -88,8 +88,6 @@ class SDXLDiffusion(LatentDiffusion):
     ) -> None:
         if kwargs.get("unfreeze_model", False):
             raise ConfigError("model.params.unfreeze_model is not supported on SDXL: only the learned words train; set it to False")
-        if kwargs.get("context_reg_weight", 0.0) > 0:
-            raise ConfigError("model.params.context_reg_weight is not supported on SDXL yet; set it to 0 in the SDXL config")
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", [])
         # the learned words start from the loaded token tables: personalization comes after the weights
@@ -183,12 +181,20 @@ class SDXLDiffusion(LatentDiffusion):
         if not isinstance(c, Mapping):
             c = self.size_batch(list(c))
         managers = self.embedding_manager.by_embedder() if self.embedding_manager is not None else None
-        out = self.conditioner(c, embedding_managers=managers)
-        empty = torch.tensor([not str(t) for t in c["txt"]], device=out["crossattn"].device)
-        if bool(empty.any()):
-            zeroed = self.conditioner(c, force_zero_embeddings=["txt"])
-            out = {k: torch.where(empty.view(-1, *([1] * (v.dim() - 1))), zeroed[k], v) for k, v in out.items()}
-        return out
+        empty = torch.tensor([not str(t) for t in c["txt"]])
+        # one pass: a second one for the empty captions doubled the text encoders' cost of a training step
+        return self.conditioner(c, embedding_managers=managers, zero_samples={"txt": empty} if bool(empty.any()) else None)
+
+    def context_preservation_loss(self, captions: Any, cond: Any) -> torch.Tensor:
+        """The context regulariser (see LatentDiffusion) on both encoders at once: ``crossattn`` holds their outputs
+        side by side, one row per token, and the two tokenizers share the BPE, so a placeholder fills the same rows in
+        both. The pooled text in ``vector`` sums up the whole prompt, the learned word included, and is left free."""
+        manager = self.embedding_manager
+        with torch.no_grad(), manager.initial_vectors_in_place():
+            reference = self.get_learned_conditioning(captions)
+        tokens = self.cond_stage_text_encoder.tokenize(list(captions["txt"]))
+        keep = ~manager.first.substitution_mask(tokens.to(cond["crossattn"].device))
+        return (cond["crossattn"] - reference["crossattn"]).pow(2).mean(dim=-1)[keep].mean()
 
     def training_batch(self, batch: Mapping[str, Any], n: int | None = None) -> dict[str, Any]:
         """The conditioner's batch for training images: their captions and size conditioning (from the dataset when it

@@ -126,12 +126,28 @@ class DDPMTrainingMixin:
         return params
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.trainable_model_parameters(), lr=self.learning_rate)
+        """AdamW over the trainable weights; with ``fused_optimizer: true`` PyTorch's fused kernel (the same update,
+        one pass over all weights: 3-7x faster than the for-each form on the CPU, see shapes-sdxl-train.yaml)."""
+        params = self.trainable_model_parameters()
+        if getattr(self, "fused_optimizer", False):
+            opt = make_adamw(params, lr=self.learning_rate)
+        else:
+            opt = torch.optim.AdamW(params, lr=self.learning_rate)
         if not self.use_scheduler:
             return opt
         scheduler = instantiate_from_config(self.scheduler_config)
         lr_sched = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=scheduler.schedule), "interval": "step", "frequency": 1}
         return [opt], [lr_sched]
+
+
+def latent_cache_keys(batch: dict) -> list[tuple]:
+    """Each item's latent-cache key: (image index, flipped), and the crop's (top, left) when the dataset draws random
+    crops (an item's ``crop``): one latent per distinct picture the encoder is shown."""
+    index, flip = torch.as_tensor(batch["index"]).tolist(), torch.as_tensor(batch["flip"]).tolist()
+    keys = [(int(i), bool(f)) for i, f in zip(index, flip)]
+    if "crop" in batch:
+        keys = [key + tuple(int(c) for c in crop) for key, crop in zip(keys, torch.as_tensor(batch["crop"]).tolist())]
+    return keys
 
 
 class InversionTrainingMixin:
@@ -149,8 +165,7 @@ class InversionTrainingMixin:
         if not (self.cache_latents and "index" in batch and "flip" in batch):
             return self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
         cache = self.latent_cache
-        keys = batch.get("cache_keys") or list(zip(batch["index"].tolist(), batch["flip"].tolist()))
-        keys = [(int(i), bool(f)) for i, f in keys[: x.shape[0]]]
+        keys = (batch.get("cache_keys") or latent_cache_keys(batch))[: x.shape[0]]
         # each (image, flip) alone: a convolution's last bits depend on the batch it runs in, and the cache must not
         # depend on which batch met a pair first (a resumed run meets it in another one)
         for j, key in enumerate(keys):
@@ -168,7 +183,7 @@ class InversionTrainingMixin:
         """Note the latent-cache keys on the host before Lightning moves the batch to the device, where reading
         them would make the host wait for the device every step."""
         if isinstance(batch, dict) and "index" in batch and "flip" in batch:
-            batch["cache_keys"] = list(zip(torch.as_tensor(batch["index"]).tolist(), torch.as_tensor(batch["flip"]).tolist()))
+            batch["cache_keys"] = latent_cache_keys(batch)
         return batch
 
     def on_fit_start(self) -> None:

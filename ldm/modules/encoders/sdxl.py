@@ -175,10 +175,16 @@ class GeneralConditioner(nn.Module):
         batch: Mapping[str, Any],
         force_zero_embeddings: Sequence[str] = (),
         embedding_managers: Mapping[int, EmbeddingManagerFn] | None = None,
+        zero_samples: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Conditioning of ``batch``; ``embedding_managers`` maps an embedder's index to the callable that puts the
-        learned vectors into its token embeddings (gradients then flow to them although the embedder is frozen)."""
+        learned vectors into its token embeddings (gradients then flow to them although the embedder is frozen).
+
+        ``force_zero_embeddings`` zeroes the outputs of the embedders reading those keys for every sample;
+        ``zero_samples`` (input key -> boolean ``[B]``) only for the samples marked, in the same pass: an SDXL batch
+        with a few empty captions (caption dropout) then costs one run of the text encoders, not two."""
         managers = dict(embedding_managers or {})
+        zero_masks = dict(zero_samples or {})
         output: dict[str, torch.Tensor] = {}
         for n, embedder in enumerate(self.embedders):
             inputs = [self._on_device(batch[k]) for k in embedder.input_keys]
@@ -192,6 +198,10 @@ class GeneralConditioner(nn.Module):
                     emb = keep.view(-1, *([1] * (emb.dim() - 1))) * emb
                 if any(k in force_zero_embeddings for k in embedder.input_keys):
                     emb = torch.zeros_like(emb)
+                for k in embedder.input_keys:
+                    if k in zero_masks:
+                        marked = self._on_device(zero_masks[k]).view(-1, *([1] * (emb.dim() - 1)))
+                        emb = torch.where(marked, torch.zeros_like(emb), emb)
                 output[key] = torch.cat((output[key], emb), self.KEY2CATDIM[key]) if key in output else emb
         return output
 
