@@ -181,3 +181,20 @@ def test_training_state_is_created_with_the_model(tmp_path):
     model.save_embeddings(tmp_path, 7)
     saved = torch.load(tmp_path / "embeddings_gs-7.pt", weights_only=True)
     assert saved["seed"] == 5 and saved["step"] == 7
+
+
+def test_offset_noise_adds_a_constant_per_image_and_channel_and_is_off_by_default():
+    config = OmegaConf.load(REPO / "configs" / "shapes" / "shapes-ldm-train-continue.yaml")
+    config.model.params.use_ema = False
+    model = instantiate_from_config(config.model)
+    x = torch.zeros(256, 12, 16, 16)
+    torch.manual_seed(0)
+    plain = model.training_noise(x)
+    torch.manual_seed(0)
+    assert torch.equal(plain, torch.randn_like(x))  # off: the same draws as before the option existed
+    model.offset_noise = 0.3
+    torch.manual_seed(0)
+    noise = model.training_noise(x)
+    assert torch.allclose(noise - plain, (noise - plain)[:, :, :1, :1].expand_as(noise), atol=1e-6)  # one per image/channel
+    offsets = (noise - plain)[:, :, 0, 0]
+    assert 0.25 < float(offsets.std()) < 0.35

@@ -102,7 +102,14 @@ class DiffusionWrapper(nn.Module):
 
 
 class DDPM(DDPMTrainingMixin, pl.LightningModule):
-    """Gaussian diffusion with a UNet denoiser (the original's constructor arguments and defaults)."""
+    """Gaussian diffusion with a UNet denoiser (the original's constructor arguments and defaults).
+
+    Beyond them: ``fused_optimizer`` (see :meth:`configure_optimizers`) and ``offset_noise`` (0, off, by default): the
+    training noise gets a per-image, per-channel constant of that standard deviation added (the "offset noise" of
+    Guttenberg, 2023). A noise-predicting model with a schedule whose last step keeps some signal never sees a
+    starting point whose channel means differ from the noise's, so the means of the starting noise, not the prompt,
+    decide the flat colours of a picture (a background); the offset teaches it to move them. Sampling is unchanged.
+    """
 
     def __init__(
         self,
@@ -137,9 +144,11 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
         fused_optimizer: bool = False,
+        offset_noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.fused_optimizer = fused_optimizer
+        self.offset_noise = offset_noise
         if parameterization not in ("eps", "x0", "v"):
             raise ValueError(f'parameterization must be "eps", "x0" or "v", not "{parameterization}"')
         self.parameterization = parameterization
@@ -325,8 +334,16 @@ class DDPM(DDPMTrainingMixin, pl.LightningModule):
         loss_dict[f"{prefix}/loss"] = loss
         return loss, loss_dict
 
+    def training_noise(self, x_start: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``x_start``, plus the offset of ``offset_noise`` (see the class)."""
+        noise = torch.randn_like(x_start)
+        if self.offset_noise > 0:
+            noise = noise + self.offset_noise * torch.randn(*x_start.shape[:2], *([1] * (x_start.dim() - 2)),
+                                                            device=x_start.device, dtype=x_start.dtype)
+        return noise
+
     def p_losses(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        noise = default(noise, lambda: torch.randn_like(x_start))
+        noise = default(noise, lambda: self.training_noise(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         return self.loss_from_prediction(self.model(x_noisy, t), x_start, noise, t)
 
@@ -558,7 +575,7 @@ class LatentDiffusion(ImageLoggingMixin, InversionTrainingMixin, DDPM):
     ) -> tuple[torch.Tensor, dict]:
         """The diffusion loss of ``x_start`` noised to ``t`` under ``cond``, plus the regularisers (see
         :meth:`add_regularisers`; the context one needs the ``captions`` that ``cond`` encodes)."""
-        noise = default(noise, lambda: torch.randn_like(x_start))
+        noise = default(noise, lambda: self.training_noise(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         loss, loss_dict = self.loss_from_prediction(self.apply_model(x_noisy, t, cond), x_start, noise, t)
         return self.add_regularisers(loss, loss_dict, cond, captions)
