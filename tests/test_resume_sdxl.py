@@ -5,6 +5,8 @@ same ones); main.py's ``-r`` and ``--embedding_manager_ckpt`` restore both halve
 tests/test_resume.py)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -119,16 +121,18 @@ def main_args(sdxl, root, *extra):
             "data.params.train.params.random_crop=true", "data.params.validation.params.random_crop=true", *extra]
 
 
-def test_main_r_and_embedding_manager_ckpt_restore_both_halves(sdxl, tmp_path, main_in_process, monkeypatch):
+def test_main_r_and_embedding_manager_ckpt_restore_both_halves(sdxl, tmp_path, main_in_process):
     """main.py: a run of 4 steps resumed with -r to 6 has the vectors of a run of 6; a new run started with
     --embedding_manager_ckpt from the first run's file starts with both of its halves."""
     straight = main_in_process(main_args(sdxl, tmp_path / "straight", "--max_steps", "6", "--seed", "5"))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    monkeypatch.delenv("TI_RUN_DIR", raising=False)  # each call a new run (main.py notes its run for its DDP ranks)
+    # each call a new run (main.py notes its run for its DDP ranks); not monkeypatch.delenv: its teardown would put the
+    # noted run back after main_in_process restored the environment, and later subprocesses would write into it
+    os.environ.pop("TI_RUN_DIR", None)
     first = main_in_process(main_args(sdxl, tmp_path / "resumed", "--max_steps", "4", "--seed", "5"))
     assert first.returncode == 0, first.stderr[-3000:]
     (run,) = (tmp_path / "resumed").iterdir()
-    monkeypatch.delenv("TI_RUN_DIR", raising=False)
+    os.environ.pop("TI_RUN_DIR", None)
     again = main_in_process(["-r", str(run), "-t", "--actual_resume", str(sdxl["ckpt"]), "--data_root", str(sdxl["data"]),
                              "--max_steps", "6"])
     assert again.returncode == 0, again.stderr[-3000:]
@@ -144,7 +148,7 @@ def test_main_r_and_embedding_manager_ckpt_restore_both_halves(sdxl, tmp_path, m
     model = instantiate_from_config(config.model)
     loaded = halves_of(model)
     assert all(torch.equal(loaded[f"{h}/*"], want[h]["*"]) for h in ("clip_l", "clip_g"))
-    monkeypatch.delenv("TI_RUN_DIR", raising=False)
+    os.environ.pop("TI_RUN_DIR", None)
     cont = main_in_process(main_args(sdxl, tmp_path / "from_file", "--max_steps", "1", "--embedding_manager_ckpt", str(start)))
     assert cont.returncode == 0, cont.stderr[-3000:]
 
