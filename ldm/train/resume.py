@@ -176,7 +176,7 @@ class StopAtStepEnd(pl.Callback):
         last = self.ckptdir / "last.ckpt"
         trainer.save_checkpoint(last, weights_only=False)
         where = describe_position(trainer)
-        vectors = " and embeddings.pt (the vectors of this step)" if getattr(pl_module, "embedding_manager", None) else ""
+        vectors = " and embeddings.pt (the vectors of this step)" if getattr(pl_module, "embedding_manager", None) is not None else ""
         logger.warning("interrupted at step %d%s: saved %s%s; resume with `%s` to continue from step %d, as if never "
                        "interrupted", step, f" ({where})" if where else "", last, vectors, self.resume_command, step)
         raise StoppedAtStepEnd(f"signal {self.requests.signum}")
